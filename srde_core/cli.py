@@ -1,0 +1,197 @@
+"""The ``srde`` command line.
+
+    srde run RECIPE [--set key=value ...] [--resume | --fresh]
+    srde validate RECIPE [--set ...]        srde show RECIPE [--set ...] [--json]
+    srde list-plugins [--json]
+    srde eval RUN_DIR [--json]              srde generate RUN_DIR --prompt TEXT
+
+User mistakes end in one line on stderr and a non-zero exit status (2 for recipe and plugin
+errors); ``--help``, ``list-plugins``, ``validate`` and ``show`` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from srde_core import __version__
+from srde_core.errors import SRDEError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe TOML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one recipe key (TOML value), e.g. --set phases.joint.steps=50; repeatable",
+    )
+
+
+def _load(args):
+    from srde_core.plugins import load_plugins
+    from srde_core.recipe import load_recipe
+
+    plugins = load_plugins()
+    return load_recipe(args.recipe, plugins, args.overrides), plugins
+
+
+def cmd_validate(args) -> int:
+    recipe, _ = _load(args)
+    phases = ", ".join(f"{p.name} [{p.trainer.name}]" for p in recipe.phases)
+    print(f"{args.recipe}: ok — recipe '{recipe.name}', phases: {phases}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    import tomli_w
+
+    recipe, _ = _load(args)
+    if args.json:
+        print(json.dumps(recipe.resolved, indent=2, sort_keys=True))
+    else:
+        print(tomli_w.dumps(_drop_none(recipe.resolved)), end="")
+    return 0
+
+
+def _drop_none(value):
+    """TOML has no null: unset optional keys are left out of ``srde show``."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def cmd_list_plugins(args) -> int:
+    from srde_core.plugins import load_plugins, provided_by
+
+    plugins = load_plugins()
+    if args.json:
+        data = {
+            "plugins": [
+                {
+                    "name": p.name, "distribution": p.distribution, "version": p.version,
+                    "summary": p.summary, "error": p.error,
+                    "provides": [{"kind": k, "name": n} for k, n in provided_by(plugins, p.name)],
+                }
+                for p in plugins.plugins
+            ],
+            "components": [
+                {"kind": c.kind, "name": c.name, "plugin": c.provider, "summary": c.summary}
+                for c in plugins.registries.components()
+            ],
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="SRDE plugins", title_justify="left")
+    for column in ("plugin", "distribution", "provides", "summary"):
+        table.add_column(column)
+    for p in plugins.plugins:
+        provides = {}
+        for kind, name in provided_by(plugins, p.name):
+            provides.setdefault(kind, []).append(name)
+        text = "\n".join(f"{k}: {', '.join(v)}" for k, v in provides.items())
+        if p.error:
+            table.add_row(f"[red]{p.name}[/]", f"{p.distribution} {p.version}", "[red]broken[/]", f"[red]{p.error}[/]")
+        else:
+            table.add_row(p.name, f"{p.distribution} {p.version}", text, p.summary)
+    components = Table(title="Components", title_justify="left")
+    for column in ("kind", "name", "plugin", "summary"):
+        components.add_column(column)
+    for c in plugins.registries.components():
+        components.add_row(c.kind, c.name, c.provider, c.summary)
+    console = _console()
+    console.print(table)
+    console.print(components)
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.resume and args.fresh:
+        raise SRDEError("--resume and --fresh exclude each other")
+    recipe, plugins = _load(args)
+    from srde_core.run import execute
+
+    run = execute(recipe, plugins, _console(), resume=args.resume, fresh=args.fresh)
+    from srde_core.evaluate.report import print_loss_summary
+
+    print_loss_summary(run)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from srde_core.evaluate.report import evaluate_run
+
+    evaluate_run(args.run_dir, _console(), max_examples=args.max_examples, as_json=args.json)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from srde_core.evaluate.generation import generate_from_run
+
+    print(generate_from_run(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, experts=not args.no_experts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srde", description="Sparse Routed Delta Experts on a frozen LLM.")
+    parser.add_argument("--version", action="version", version=f"srde {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a recipe's phases")
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--fresh", action="store_true", help="delete an existing run directory first")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("show", help="print the resolved recipe (extends and --set applied, defaults filled)")
+    _add_recipe_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("list-plugins", help="list plugins and the components they provide")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list_plugins)
+
+    p = sub.add_parser("eval", help="per-domain loss and accuracy, routing analysis of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--max-examples", type=int, default=None, help="examples per domain (default: the recipe's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with a run's model and experts")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-experts", action="store_true", help="use the base model alone")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SRDEError as err:
+        print(f"srde: error: {err.line()}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("srde: interrupted (a run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

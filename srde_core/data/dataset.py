@@ -1,0 +1,265 @@
+"""Loading a recipe's ``[data]``: sources -> one tokenisation pass -> a cached ``DataBundle``.
+
+Every source (the generated corpus, JSON Lines / Parquet / CSV files, an HF dataset) goes through
+``datasets`` and is tokenised once by ``Dataset.map``. The result is saved under
+``cache_dir/tokenized/<key>``, where the key covers the sources' contents (or the HF dataset's
+fingerprint), the tokenizer's fingerprint, ``seq_len`` and the column mapping; the directory is
+written under a temporary name and renamed into place, so it is either complete or absent. A second
+``load_data`` with the same inputs reads it back without tokenising.
+
+Each tokenised row holds ``input_ids`` (BOS + prompt + answer + EOS, truncated to ``seq_len``),
+``prompt_len`` (tokens of BOS + prompt), ``domain``, ``domain_id``, ``difficulty``, and the raw
+``prompt`` / ``answer`` strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from srde_core.data.collate import collate  # noqa: F401 - re-exported: trainers import it from here
+from srde_core.data.corpus import CORPUS_VERSION, write_corpus
+from srde_core.data.params import ColumnsParams, DataParams
+from srde_core.data.sources import ColumnMap, Source, file_source, hf_source, resolve_paths, value_problem
+from srde_core.data.tokenizer import Tokenizer
+from srde_core.errors import DataError
+
+# Bump when the tokenised layout or the prompt/answer joining rule changes.
+CACHE_VERSION = 1
+DEFAULT_DOMAIN = "general"
+_META = "meta.json"
+
+
+@dataclass
+class DataBundle:
+    """Tokenised train/eval data and what is needed to use it.
+
+    ``train`` / ``eval`` are ``datasets.Dataset`` objects (``eval`` is ``None`` when the recipe has
+    no eval data). ``domains`` is the sorted list of domain names; a row's ``domain_id`` indexes it.
+    For generation-based evaluation, feed ``input_ids[:prompt_len]`` (exactly the tokens the model
+    saw before the answer in training) and check the continuation against ``answer``.
+    ``fingerprint`` identifies the tokenised data (sources, tokenizer, ``seq_len``, columns): equal
+    fingerprints mean identical data, so downstream caches may key on it.
+    """
+
+    train: object
+    eval: object | None
+    domains: list[str]
+    tokenizer: Tokenizer
+    fingerprint: str = ""
+    cache_hit: bool = False
+    cache_path: Path | None = None
+
+
+def join_prompt_answer(prompt: str, answer: str) -> str:
+    """The training text: ``prompt + " " + answer``, without the space when either side is empty
+    or already has whitespace at the join."""
+    if not prompt or not answer or prompt[-1].isspace() or answer[0].isspace():
+        return prompt + answer
+    return f"{prompt} {answer}"
+
+
+def encode_example(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int) -> tuple[list[int], int]:
+    """``(input_ids, prompt_len)`` of one example.
+
+    The whole text is encoded at once (so the ids are what the tokenizer gives for the text), and
+    ``prompt_len`` is the length of the prefix shared with the encoded prompt: the answer always
+    starts at a token boundary, even where a tokenizer would merge across the join.
+    """
+    ids = tokenizer.encode(join_prompt_answer(prompt, answer), bos=True, eos=True)
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False) if prompt else ids[: int(tokenizer.bos_id is not None)]
+    shared = 0
+    for a, b in zip(ids, prompt_ids):
+        if a != b:
+            break
+        shared += 1
+    return ids[:seq_len], min(shared, seq_len)
+
+
+def _sources(params: DataParams, cache_dir: Path, base_dir: Path) -> tuple[list[Source], list[Source], ColumnsParams]:
+    hf_cache = cache_dir / "hf"
+    if params.generate is not None:
+        if params.train_files or params.eval_files or params.hf_name:
+            raise DataError("cannot be combined with train_files, eval_files or hf_name", key="data.generate")
+        g = params.generate
+        corpus_dir = cache_dir / "corpus" / f"v{CORPUS_VERSION}-seed{g.seed}-n{g.examples_per_domain}-e{g.eval_per_domain}"
+        train_path, eval_path = write_corpus(corpus_dir, g.examples_per_domain, g.eval_per_domain, g.seed)
+        # The corpus has its own fixed columns; a [data.columns] table describes user data only.
+        return (
+            [file_source(train_path, "json", hf_cache, "data.generate")],
+            [file_source(eval_path, "json", hf_cache, "data.generate")],
+            ColumnsParams(),
+        )
+    if params.format == "hf":
+        train = [hf_source(params.hf_name, params.hf_train_split, base_dir, hf_cache, "data.hf_train_split")]
+        evals = (
+            [hf_source(params.hf_name, params.hf_eval_split, base_dir, hf_cache, "data.hf_eval_split")]
+            if params.hf_eval_split
+            else []
+        )
+        return train, evals, params.columns
+    train = [file_source(p, params.format, hf_cache, "data.train_files") for p in resolve_paths(params.train_files, base_dir)]
+    evals = [file_source(p, params.format, hf_cache, "data.eval_files") for p in resolve_paths(params.eval_files, base_dir)]
+    return train, evals, params.columns
+
+
+def _cache_key(train: list[Source], evals: list[Source], columns: ColumnsParams, tokenizer: Tokenizer, seq_len: int) -> str:
+    material = {
+        "version": CACHE_VERSION,
+        "train": [s.identity for s in train],
+        "eval": [s.identity for s in evals],
+        "columns": columns.model_dump(),
+        # Defaults and explicit settings resolve differently (optional vs required columns).
+        "explicit": sorted(columns.model_fields_set),
+        "tokenizer": tokenizer.fingerprint,
+        "seq_len": seq_len,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "input_ids": List(Value("int32")),
+            "prompt_len": Value("int32"),
+            "domain": Value("string"),
+            "domain_id": Value("int32"),
+            "difficulty": Value("int32"),
+            "prompt": Value("string"),
+            "answer": Value("string"),
+        }
+    )
+
+
+def _field(batch: dict, j: int, cmap: ColumnMap, role: str, name: str, row: int):
+    column = getattr(cmap, role)
+    value = batch[column][j]
+    problem = value_problem(role, value)
+    if problem:
+        raise DataError(f"column '{column}' {problem}", source=name, key=f"row {row}")
+    return value
+
+
+def _tokenise(raw, cmap: ColumnMap, name: str, tokenizer: Tokenizer, seq_len: int, domain_ids: dict[str, int],
+              fingerprint: str, work_dir: Path):
+    def examples(batch: dict, indices: list[int]) -> dict:
+        out: dict[str, list] = {k: [] for k in ("input_ids", "prompt_len", "domain", "domain_id", "difficulty",
+                                                "prompt", "answer")}
+        for j, index in enumerate(indices):
+            row = index + 1
+            if cmap.text is not None:
+                prompt, answer = "", str(_field(batch, j, cmap, "text", name, row))
+            else:
+                prompt = str(_field(batch, j, cmap, "prompt", name, row))
+                answer = str(_field(batch, j, cmap, "answer", name, row))
+            domain = str(_field(batch, j, cmap, "domain", name, row)).strip() if cmap.domain else DEFAULT_DOMAIN
+            difficulty = int(_field(batch, j, cmap, "difficulty", name, row)) if cmap.difficulty else 0
+            ids, prompt_len = encode_example(tokenizer, prompt, answer, seq_len)
+            for key, value in (("input_ids", ids), ("prompt_len", prompt_len), ("domain", domain),
+                               ("domain_id", domain_ids[domain]), ("difficulty", difficulty),
+                               ("prompt", prompt), ("answer", answer)):
+                out[key].append(value)
+        return out
+
+    # new_fingerprint: the cache key already identifies the result, so datasets need not hash the
+    # function (and the tokenizer it closes over); cache_file_name keeps every write in our work dir.
+    return raw.map(examples, batched=True, with_indices=True, remove_columns=raw.column_names,
+                   features=_features(), new_fingerprint=fingerprint, load_from_cache_file=False,
+                   cache_file_name=str(work_dir / f"{fingerprint}.arrow"), desc=f"tokenising {name}")
+
+
+def _domains_of(raw, cmap: ColumnMap) -> set[str]:
+    if cmap.domain is None:
+        return {DEFAULT_DOMAIN}
+    # Bad values (None, "") are reported with their row number by the tokenising pass.
+    return {str(v).strip() for v in raw.unique(cmap.domain) if v is not None and str(v).strip()}
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or info logs from datasets while loading; the caller's settings restored."""
+    from datasets.utils import logging as ds_logging
+
+    was_disabled = ds_logging.is_progress_bar_enabled() is False
+    level = ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if not was_disabled:
+            ds_logging.enable_progress_bar()
+
+
+def _read_cache(target: Path, tokenizer: Tokenizer, hit: bool) -> DataBundle:
+    from datasets import load_from_disk
+
+    meta = json.loads((target / _META).read_text(encoding="utf-8"))
+    evals = load_from_disk(str(target / "eval")) if meta["has_eval"] else None
+    return DataBundle(train=load_from_disk(str(target / "train")), eval=evals, domains=meta["domains"],
+                      tokenizer=tokenizer, fingerprint=target.name, cache_hit=hit, cache_path=target)
+
+
+def load_data(
+    params: DataParams,
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike,
+    base_dir: str | os.PathLike = ".",
+) -> DataBundle:
+    """Tokenised train/eval data for a recipe's ``[data]`` table, from the cache when possible.
+
+    ``base_dir`` is the recipe's directory: relative ``train_files`` / ``eval_files`` / ``hf_name``
+    are taken from there. ``cache_dir`` holds the generated corpus (``corpus/``), datasets' own
+    files (``hf/``) and the tokenised data (``tokenized/``). Missing or malformed data raises
+    :class:`DataError` with one line naming the file and the line, row or column.
+    """
+    cache_dir, base_dir = Path(cache_dir), Path(base_dir)
+    with _quiet_datasets():
+        train_sources, eval_sources, columns = _sources(params, cache_dir, base_dir)
+        key = _cache_key(train_sources, eval_sources, columns, tokenizer, params.seq_len)
+        target = cache_dir / "tokenized" / key
+        if (target / _META).is_file():
+            return _read_cache(target, tokenizer, hit=True)
+
+        tagged = [("train", s) for s in train_sources] + [("eval", s) for s in eval_sources]
+        maps = [source.validate(columns) for _, source in tagged]
+        raws = [source.load(cmap) for (_, source), cmap in zip(tagged, maps)]
+        domains = sorted(set().union(*(_domains_of(raw, cmap) for raw, cmap in zip(raws, maps))))
+        domain_ids = {d: i for i, d in enumerate(domains)}
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{key}.{uuid.uuid4().hex}.tmp"
+        work = tmp / "work"
+        work.mkdir(parents=True)
+        try:
+            from datasets import concatenate_datasets
+
+            parts: dict[str, list] = {"train": [], "eval": []}
+            for i, ((role, source), raw, cmap) in enumerate(zip(tagged, raws, maps)):
+                parts[role].append(_tokenise(raw, cmap, source.name, tokenizer, params.seq_len, domain_ids,
+                                             f"{key}-{role}-{i}", work))
+            for role, datasets_ in parts.items():
+                if datasets_:
+                    concatenate_datasets(datasets_).save_to_disk(str(tmp / role))
+            meta = {"domains": domains, "has_eval": bool(parts["eval"]),
+                    "sources": {role: [s.name for r, s in tagged if r == role] for role in ("train", "eval")}}
+            (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            shutil.rmtree(work)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                # Another process finished the same key first; its copy is identical.
+                if not (target / _META).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _read_cache(target, tokenizer, hit=False)

@@ -1,0 +1,62 @@
+"""The ``[tokenizer]`` and ``[data]`` recipe tables. Kept free of torch/datasets imports so that
+``srde validate`` stays cheap."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from srde_core.params import Params
+
+
+class TokenizerParams(Params):
+    kind: Literal["mistral-common", "hf"] = Field(
+        "mistral-common", description="mistral-common tokenizer file, or an HF tokenizer"
+    )
+    file: str = Field(
+        "mistral_instruct_tokenizer_240323.model.v3",
+        description="mistral-common: a path, or the name of a file shipped in mistral_common/data",
+    )
+    name_or_path: str | None = Field(None, description="hf: hub id or local directory")
+
+    @model_validator(mode="after")
+    def _hf_needs_name(self) -> TokenizerParams:
+        if self.kind == "hf" and not self.name_or_path:
+            raise ValueError("kind 'hf' needs name_or_path")
+        return self
+
+
+class GenerateParams(Params):
+    examples_per_domain: int = Field(2000, ge=1, description="training examples per domain")
+    eval_per_domain: int = Field(200, ge=1, description="held-out examples per domain")
+    seed: int = Field(0, description="generator seed")
+
+
+class ColumnsParams(Params):
+    prompt: str = "prompt"
+    answer: str = "answer"
+    domain: str | None = "domain"
+    difficulty: str | None = "difficulty"
+    text: str | None = Field(None, description="a single text column instead of prompt + answer")
+
+
+class DataParams(Params):
+    format: Literal["json", "parquet", "csv", "hf"] = Field("json", description="datasets builder, or an HF dataset")
+    train_files: list[str] = Field(default_factory=list, description="paths relative to the recipe file")
+    eval_files: list[str] = Field(default_factory=list)
+    hf_name: str | None = Field(None, description="format 'hf': dataset name on the hub or local path")
+    hf_train_split: str = "train"
+    hf_eval_split: str = "validation"
+    generate: GenerateParams | None = Field(None, description="generate the six-domain corpus instead of files")
+    columns: ColumnsParams = Field(default_factory=ColumnsParams)
+    seq_len: int = Field(128, ge=8, description="tokens per example (longer ones are truncated)")
+    loss_on: Literal["all", "answer"] = Field("all", description="labelled tokens: the whole text or the answer")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> DataParams:
+        if self.generate is None and self.format != "hf" and not self.train_files:
+            raise ValueError("set train_files, hf_name or a [data.generate] table")
+        if self.format == "hf" and not self.hf_name and self.generate is None:
+            raise ValueError("format 'hf' needs hf_name")
+        return self

@@ -1,0 +1,190 @@
+"""One tokenizer interface over mistral-common and Hugging Face tokenizers.
+
+The embedded default is the 32k SentencePiece v3 tokenizer that the ``mistral-common`` package ships
+(``mistral_instruct_tokenizer_240323.model.v3``), so tiny runs need no download; real runs may name
+any ``transformers`` tokenizer (``kind = "hf"``).
+
+Padding: neither the v3 tokenizer nor many HF tokenizers define a pad token. Where none is defined,
+``pad_id`` is the end-of-sequence id; padded positions are always masked (attention mask 0, label
+-100), so the choice never reaches the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from srde_core.data.params import TokenizerParams
+from srde_core.errors import DataError
+
+__all__ = ["Tokenizer", "TokenizerParams", "load_tokenizer", "mistral_common_data_dir"]
+
+
+def mistral_common_data_dir() -> Path:
+    """The ``data/`` directory of the installed mistral_common package (its shipped tokenizers)."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data"
+
+
+class Tokenizer:
+    """Text <-> token ids, with the special ids and a stable ``fingerprint`` for cache keys.
+
+    Construct with :func:`load_tokenizer`. ``encode`` never adds special tokens except the BOS/EOS
+    asked for; ``decode`` drops special tokens.
+    """
+
+    kind: str = ""
+
+    def __init__(self, *, bos_id: int | None, eos_id: int, pad_id: int | None, vocab_size: int, fingerprint: str):
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None or pad_id < 0 else pad_id
+        self.vocab_size = vocab_size
+        self.fingerprint = fingerprint
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        """Token ids of ``text``, with BOS first / EOS last when asked (BOS only if one exists)."""
+        ids = self._encode(text)
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if eos:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids) -> str:
+        """The text of ``ids`` (a list or a 1-D tensor), special tokens dropped."""
+        return self._decode([int(i) for i in ids])
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        kind, _, digest = self.fingerprint.partition(":")
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={kind}:{digest[:12]})"
+
+
+class MistralCommonTokenizer(Tokenizer):
+    """A tokenizer file read by mistral-common (SentencePiece ``.model.vN`` or Tekken ``.json``)."""
+
+    kind = "mistral-common"
+
+    def __init__(self, path: Path):
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self.path = path
+        self._raw = MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+        self._ignore_special = SpecialTokenPolicy.IGNORE
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        super().__init__(
+            bos_id=self._raw.bos_id,
+            eos_id=self._raw.eos_id,
+            pad_id=self._raw.pad_id,
+            vocab_size=self._raw.n_words,
+            fingerprint=f"mistral-common:{digest}",
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return self._raw.encode(text, bos=False, eos=False)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._raw.decode(ids, special_token_policy=self._ignore_special)
+
+
+class HFTokenizer(Tokenizer):
+    """A ``transformers.AutoTokenizer`` (local directory, or hub id where the network allows)."""
+
+    kind = "hf"
+
+    def __init__(self, hf_tokenizer):
+        self._hf = hf_tokenizer
+        eos_id = hf_tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("the tokenizer defines no end-of-sequence token")
+        super().__init__(
+            bos_id=hf_tokenizer.bos_token_id,
+            eos_id=eos_id,
+            pad_id=hf_tokenizer.pad_token_id,
+            vocab_size=len(hf_tokenizer),
+            fingerprint=f"hf:{_hf_digest(hf_tokenizer)}",
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._hf(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+
+def _hf_digest(hf_tokenizer) -> str:
+    """A hash of everything that decides the ids: the serialised fast tokenizer (vocabulary,
+    normaliser, pre-tokeniser, added tokens) or, for slow tokenizers, the vocabulary."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = backend.to_str()
+    else:
+        content = json.dumps(sorted(hf_tokenizer.get_vocab().items()))
+    extra = json.dumps([type(hf_tokenizer).__name__, hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id])
+    return hashlib.sha256((content + extra).encode("utf-8")).hexdigest()
+
+
+def _resolve_file(file: str, base_dir: Path | None) -> Path | None:
+    candidate = Path(file).expanduser()
+    if not candidate.is_absolute() and base_dir is not None:
+        candidate = base_dir / candidate
+    if candidate.is_file():
+        return candidate
+    shipped = mistral_common_data_dir() / file
+    if Path(file).name == file and shipped.is_file():
+        return shipped
+    return None
+
+
+def load_tokenizer(
+    params: TokenizerParams, base_dir: str | Path | None = None, *, source: str | None = None
+) -> Tokenizer:
+    """The tokenizer a recipe's ``[tokenizer]`` table names.
+
+    ``file`` (kind ``mistral-common``) is a path, relative to ``base_dir`` (the recipe's directory)
+    when given, or the bare name of a file shipped in mistral_common's ``data/`` directory.
+    ``name_or_path`` (kind ``hf``) is a local directory or a hub id. Failures raise
+    :class:`DataError` naming ``source`` (the recipe file) and the key.
+    """
+    base = Path(base_dir) if base_dir is not None else None
+    if params.kind == "mistral-common":
+        path = _resolve_file(params.file, base)
+        if path is None:
+            shipped = ", ".join(sorted(p.name for p in mistral_common_data_dir().iterdir() if p.is_file()))
+            raise DataError(
+                f"'{params.file}' not found (not a file, nor one shipped with mistral-common: {shipped})",
+                source=source,
+                key="tokenizer.file",
+            )
+        try:
+            return MistralCommonTokenizer(path)
+        except Exception as err:  # noqa: BLE001 - any parse failure is the user's file
+            raise DataError(f"{path}: not a mistral-common tokenizer ({_first_line(err)})", source=source,
+                            key="tokenizer.file") from err
+
+    name = params.name_or_path or ""
+    local = Path(name).expanduser()
+    if base is not None and not local.is_absolute() and (base / local).exists():
+        local = base / local
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
+        return HFTokenizer(hf)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad name/path
+        raise DataError(f"cannot load '{name}' ({_first_line(err)})", source=source,
+                        key="tokenizer.name_or_path") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,241 @@
+"""``srde eval`` and the loss summary of ``srde run``: base vs SRDE per domain, and the routing.
+
+:func:`evaluate` computes everything as a JSON-ready dict; :func:`evaluate_run` opens a finished run,
+prints the tables (or the JSON) and writes ``eval.json`` into the run directory;
+:func:`print_loss_summary` prints the per-domain loss table of a run just finished and writes
+``eval_loss.json``. Eval rows are the first ``eval.max_examples_per_domain`` of each domain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from srde_core.errors import SRDEError
+from srde_core.evaluate import evaluation_state
+from srde_core.evaluate.accuracy import DomainAccuracy, answer_accuracy
+from srde_core.evaluate.losses import DomainLoss, domain_losses, eval_batches, eval_subset, overall_loss
+from srde_core.evaluate.routing import RoutingCounter
+
+EVAL_FILE, EVAL_LOSS_FILE = "eval.json", "eval_loss.json"
+
+
+def _num(x: float | None) -> float | None:
+    """JSON has no NaN: undefined values (no tokens, no examples) become null."""
+    return None if x is None or math.isnan(x) else x
+
+
+def _eval_rows(run, max_examples: int | None):
+    if run.data.eval is None or len(run.data.eval) == 0:
+        raise SRDEError("the run has no eval data (set data.eval_files or data.generate)", source=str(run.run_dir))
+    per_domain = run.recipe.eval.max_examples_per_domain if max_examples is None else max_examples
+    if per_domain < 1:
+        raise SRDEError(f"--max-examples must be at least 1, got {per_domain}")
+    return eval_subset(run.data.eval, run.data.domains, per_domain), per_domain
+
+
+def _loss_json(base: dict[str, DomainLoss], srde: dict[str, DomainLoss] | None) -> dict:
+    def entry(b: DomainLoss, s: DomainLoss | None) -> dict:
+        sl = _num(s.loss) if s is not None else None
+        bl = _num(b.loss)
+        return {"tokens": b.tokens, "base": bl, "srde": sl, "delta": sl - bl if None not in (sl, bl) else None}
+
+    domains = {d: entry(base[d], srde[d] if srde else None) for d in base}
+    return {"domains": domains, "all": entry(overall_loss(base), overall_loss(srde) if srde else None)}
+
+
+def _accuracy_json(base: dict[str, DomainAccuracy], srde: dict[str, DomainAccuracy] | None) -> dict:
+    def entry(b: DomainAccuracy, s: DomainAccuracy | None) -> dict:
+        sa, ba = (_num(s.accuracy) if s else None), _num(b.accuracy)
+        return {"examples": b.examples, "base_correct": b.correct, "srde_correct": s.correct if s else None,
+                "base": ba, "srde": sa, "delta": sa - ba if None not in (sa, ba) else None}
+
+    def total(acc: dict[str, DomainAccuracy]) -> DomainAccuracy:
+        return DomainAccuracy("all", sum(a.correct for a in acc.values()), sum(a.examples for a in acc.values()))
+
+    domains = {d: entry(base[d], srde[d] if srde else None) for d in base}
+    return {"domains": domains, "all": entry(total(base), total(srde) if srde else None)}
+
+
+def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False) -> dict:
+    """Evaluate the model of ``run`` (a :class:`RunContext` with model and data) on its eval rows.
+
+    Base = experts disabled, SRDE = experts enabled (``None`` values when the run has no experts).
+    Returns ``{"examples_per_domain", "examples", "domains", "has_experts", "max_new_tokens", "loss",
+    "accuracy", "routing"}`` (``routing`` is ``None`` without experts); ``accuracy`` and ``routing``
+    are left out with ``losses_only``. The model's mode and the
+    experts' state are as before afterwards."""
+    rows, per_domain = _eval_rows(run, max_examples)
+    domains, tokenizer, settings = run.data.domains, run.tokenizer, run.recipe.eval
+    batches = eval_batches(rows, pad_id=tokenizer.pad_id, loss_on=run.recipe.data.loss_on, domains=domains,
+                           batch_size=settings.batch_size)
+    model, experts = run.model, run.experts
+
+    def accuracy() -> dict[str, DomainAccuracy]:
+        return answer_accuracy(model, rows, tokenizer, domains, max_new_tokens=settings.max_new_tokens,
+                               batch_size=settings.batch_size, device=run.device)
+
+    result: dict = {"examples_per_domain": per_domain, "examples": len(rows), "domains": list(domains),
+                    "has_experts": experts is not None, "max_new_tokens": settings.max_new_tokens}
+    with evaluation_state(model, experts, enabled=False):
+        base_loss = domain_losses(model, batches, domains, device=run.device)
+        base_acc = None if losses_only else accuracy()
+    srde_loss = srde_acc = counter = None
+    if experts is not None:
+        counter = RoutingCounter(experts.routers(), len(domains))
+        with evaluation_state(model, experts, enabled=True):
+            srde_loss = domain_losses(model, batches, domains, device=run.device,
+                                      after_forward=None if losses_only else counter.observe)
+            srde_acc = None if losses_only else accuracy()
+    result["loss"] = _loss_json(base_loss, srde_loss)
+    if losses_only:
+        return result
+    result["accuracy"] = _accuracy_json(base_acc, srde_acc)
+    result["routing"] = None
+    if counter is not None:
+        result["routing"] = counter.to_json(domains)
+        for plan in experts.plans:
+            result["routing"]["layers"][str(plan.layer)].update(num_experts=plan.num_experts, top_k=plan.top_k)
+    return result
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def _fmt(x: float | None, spec: str, scale: float = 1.0, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{x * scale:{'+' if signed else ''}{spec}}"
+
+
+def _delta(x: float | None, spec: str, better_when_lower: bool, scale: float = 1.0) -> str:
+    text = _fmt(x, spec, scale, signed=True)
+    if x is None or x == 0:
+        return text
+    return f"[{'green' if (x < 0) == better_when_lower else 'red'}]{text}[/]"
+
+
+def _points(x: float | None) -> str:
+    """A difference of two shares, in percentage points (higher is better)."""
+    return _delta(x, ".1f", better_when_lower=False, scale=100) + (" pp" if x is not None else "")
+
+
+def loss_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"Eval loss per domain ({result['examples_per_domain']} examples per domain)",
+                  title_justify="left")
+    for name in ("domain", "tokens", "base", "SRDE", "Δ SRDE−base"):
+        table.add_column(name, justify="left" if name == "domain" else "right")
+    loss = result["loss"]
+    for name, row in [*loss["domains"].items(), ("all", loss["all"])]:
+        table.add_row(name if name != "all" else "[bold]all[/]", str(row["tokens"]), _fmt(row["base"], ".4f"),
+                      _fmt(row["srde"], ".4f"), _delta(row["delta"], ".4f", better_when_lower=True),
+                      end_section=name == list(loss["domains"])[-1])
+    return table
+
+
+def accuracy_table(result: dict):
+    from rich.table import Table
+
+    acc = result["accuracy"]
+    table = Table(title=f"Answer accuracy per domain (greedy, ≤{result['max_new_tokens']} new tokens)",
+                  title_justify="left")
+    for name in ("domain", "examples", "base", "SRDE", "Δ SRDE−base"):
+        table.add_column(name, justify="left" if name == "domain" else "right")
+    for name, row in [*acc["domains"].items(), ("all", acc["all"])]:
+        table.add_row(name if name != "all" else "[bold]all[/]", str(row["examples"]),
+                      _fmt(row["base"], ".1%"), _fmt(row["srde"], ".1%"),
+                      _points(row["delta"]),
+                      end_section=name == list(acc["domains"])[-1])
+    return table
+
+
+def load_table(result: dict):
+    from rich.table import Table
+
+    summary, domains = result["routing"]["all_layers"], result["domains"]
+    table = Table(
+        title=f"Expert × domain load, summed over the {len(result['routing']['layers'])} SRDE layers "
+              "(% of each expert's tokens)",
+        title_justify="left",
+        caption=f"purity {_fmt(_num(summary['purity']), '.1%')} vs domain-blind baseline "
+                f"{_fmt(_num(summary['baseline_purity']), '.1%')}; "
+                f"NMI(expert, domain) {_fmt(_num(summary['nmi']), '.3f')}",
+        caption_justify="left",
+        show_edge=False,  # one column per domain: the frame's width goes to the numbers
+    )
+    for name in ("expert", "load", *domains, "purity"):
+        # Domain names are the point of the table: they keep their width, the padding gives way.
+        table.add_column(name, justify="left" if name == "expert" else "right", min_width=len(name))
+    for e, (counts, share, pure) in enumerate(zip(summary["counts"], summary["load_share"], summary["expert_purity"])):
+        n = sum(counts)
+        cells = [f"{c / n:.0%}" if n else "—" for c in counts]
+        if n:  # the expert's main domain stands out
+            cells[counts.index(max(counts))] = f"[bold]{cells[counts.index(max(counts))]}[/]"
+        table.add_row(str(e), _fmt(share, ".1%"), *cells, _fmt(pure, ".1%"))
+    return table
+
+
+def layer_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title="Routing purity per SRDE layer", title_justify="left")
+    for name in ("layer", "experts", "top-k", "purity", "baseline", "gain", "NMI"):
+        table.add_column(name, justify="right")
+    layers = result["routing"]["layers"]
+    rows = [(layer, str(s.get("num_experts", len(s["counts"]))), str(s.get("top_k", "")), s)
+            for layer, s in layers.items()]
+    rows.append(("[bold]all[/]", "", "", result["routing"]["layer_experts"]))
+    for i, (layer, experts, top_k, s) in enumerate(rows):
+        pure, base = _num(s["purity"]), _num(s["baseline_purity"])
+        gain = pure - base if None not in (pure, base) else None
+        table.add_row(layer, experts, top_k, _fmt(pure, ".1%"), _fmt(base, ".1%"),
+                      _points(gain),
+                      _fmt(_num(s["nmi"]), ".3f"), end_section=i == len(rows) - 2)
+    return table
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+def print_loss_summary(run) -> dict | None:
+    """Print the per-domain eval loss, base vs SRDE, of a run just finished and write it to
+    ``eval_loss.json`` in the run directory. Returns the loss dict; ``None`` (with a note) when
+    the run has no eval data."""
+    from srde_core.run import write_json_atomic
+
+    if run.data is None or run.data.eval is None or len(run.data.eval) == 0:
+        run.log("eval: no eval data; loss summary skipped")
+        return None
+    result = evaluate(run, losses_only=True)
+    run.console.print(loss_table(result))
+    write_json_atomic(Path(run.run_dir) / EVAL_LOSS_FILE, result)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, console, max_examples: int | None = None, as_json: bool = False) -> dict:
+    """Open the finished run in ``run_dir``, evaluate it (:func:`evaluate`), write ``eval.json``
+    there and print the tables to ``console`` (or, with ``as_json``, the JSON alone to its file;
+    loading messages then go to stderr). Raises ``SRDEError`` for a directory that is not a
+    finished run."""
+    from rich.console import Console
+
+    from srde_core.run import open_finished_run, write_json_atomic
+
+    log_console = Console(stderr=True, highlight=False) if as_json else console
+    run = open_finished_run(run_dir, log_console)
+    result = {"run_dir": str(run.run_dir), **evaluate(run, max_examples=max_examples)}
+    write_json_atomic(Path(run.run_dir) / EVAL_FILE, result)
+    if as_json:
+        console.file.write(json.dumps(result, indent=2) + "\n")
+        console.file.flush()
+        return result
+    console.print(loss_table(result))
+    console.print(accuracy_table(result))
+    if result["routing"] is None:
+        console.print("routing: the run has no experts")
+    else:
+        console.print(load_table(result))
+        console.print(layer_table(result))
+    console.print(f"written: {Path(run.run_dir) / EVAL_FILE}", highlight=False, markup=False)
+    return result

@@ -1,0 +1,197 @@
+"""SRDE adapters: the SRDE state of a model (never its base weights) as one safetensors file.
+
+Tensors are :meth:`SRDEModel.adapter_state`: ``routers.<layer>.<name>`` and
+``banks.<bank key>.<projection>.<name>`` (parameters and buffers such as selected positions;
+a bank shared by several layers is stored once). The safetensors metadata (all strings) holds:
+
+- ``format``: ``"srde-adapter"``; ``format_version``: :data:`FORMAT_VERSION`;
+- ``base_model``: the id of the base model the adapter was trained on;
+- ``structure``: :meth:`SRDEModel.describe` as JSON; ``recipe_hash``; ``srde_version``.
+
+Loading checks all of these first and fails with one line naming the file and the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from srde_core import __version__
+from srde_core.errors import SRDEError
+from srde_core.model.attach import SRDEModel
+
+FORMAT = "srde-adapter"
+#: Bumped when the file layout changes; older versions are read (with a warning), newer refused.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterMetadata:
+    """What an adapter file says about itself."""
+
+    format_version: int
+    base_model: str
+    structure: dict[str, Any]
+    recipe_hash: str
+    srde_version: str
+
+
+def save_adapter(
+    path: str | os.PathLike[str], srde_model: SRDEModel, *, base_model_id: str, recipe_hash: str
+) -> Path:
+    """Write the SRDE state of ``srde_model`` to ``path`` atomically; returns the path.
+
+    The file appears complete or not at all: it is written to a temporary file in the same
+    directory and renamed over ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clone() gives every tensor its own storage: safetensors refuses tensors that share memory.
+    tensors = {
+        name: t.detach().to("cpu").contiguous().clone() for name, t in srde_model.adapter_state().items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "base_model": base_model_id,
+        "structure": json.dumps(srde_model.describe(), sort_keys=True),
+        "recipe_hash": recipe_hash,
+        "srde_version": __version__,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _error(path: Path, message: str) -> SRDEError:
+    return SRDEError(message, source=str(path))
+
+
+def read_adapter_metadata(path: str | os.PathLike[str]) -> AdapterMetadata:
+    """The metadata of the adapter at ``path`` (tensors are not read).
+
+    Raises :class:`SRDEError` when the file is missing, not safetensors, not an SRDE adapter, or
+    written by a newer format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _error(path, "no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise _error(path, f"not a safetensors file ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise _error(path, "not an SRDE adapter (no 'format: srde-adapter' metadata)")
+    try:
+        version = int(meta["format_version"])
+        structure = json.loads(meta["structure"])
+        if not isinstance(structure, dict):
+            raise ValueError("structure is not a JSON object")
+        result = AdapterMetadata(
+            format_version=version,
+            base_model=meta["base_model"],
+            structure=structure,
+            recipe_hash=meta.get("recipe_hash", ""),
+            srde_version=meta.get("srde_version", ""),
+        )
+    except (KeyError, ValueError) as err:
+        raise _error(path, f"corrupt adapter metadata ({type(err).__name__}: {err})") from err
+    if version > FORMAT_VERSION:
+        raise _error(
+            path,
+            f"adapter format version {version} is newer than this SRDE reads ({FORMAT_VERSION}); "
+            "upgrade srde",
+        )
+    return result
+
+
+def _first_difference(saved: Any, current: Any, where: str = "") -> str | None:
+    """Dotted path and both values of the first place two JSON structures differ, else None."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            here = f"{where}.{key}" if where else str(key)
+            if key not in saved:
+                return f"{here}: not in the adapter, this model has {json.dumps(current[key])}"
+            if key not in current:
+                return f"{here}: the adapter has {json.dumps(saved[key])}, not in this model"
+            found = _first_difference(saved[key], current[key], here)
+            if found:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(current, list):
+        for i, (a, b) in enumerate(zip(saved, current)):
+            found = _first_difference(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        if len(saved) != len(current):
+            return f"{where}: the adapter has {len(saved)} entries, this model {len(current)}"
+        return None
+    if saved != current:
+        return f"{where}: the adapter has {json.dumps(saved)}, this model {json.dumps(current)}"
+    return None
+
+
+def load_adapter(
+    path: str | os.PathLike[str], srde_model: SRDEModel, *, base_model_id: str
+) -> AdapterMetadata:
+    """Load the adapter at ``path`` into ``srde_model`` (in place) and return its metadata.
+
+    The adapter must have been saved from the same base model id and the same SRDE structure
+    (:meth:`SRDEModel.describe`); otherwise an :class:`SRDEError` names the first difference and
+    nothing is loaded. An older format version loads with a warning.
+    """
+    path = Path(path)
+    meta = read_adapter_metadata(path)
+    if meta.format_version < FORMAT_VERSION:
+        warnings.warn(
+            f"{path}: adapter format version {meta.format_version} is older than {FORMAT_VERSION}; "
+            "loading it as is",
+            stacklevel=2,
+        )
+    if meta.base_model != base_model_id:
+        raise _error(path, f"built for base '{meta.base_model}', this model is '{base_model_id}'")
+
+    current = json.loads(json.dumps(srde_model.describe()))
+    for part, label in (("layers", "layout differs"), (None, "structure differs")):
+        saved = meta.structure.get(part) if part else meta.structure
+        here = current.get(part) if part else current
+        found = _first_difference(saved, here, part or "")
+        if found:
+            raise _error(path, f"{label}: {found}")
+
+    expected = srde_model.adapter_state()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        if missing or unexpected:
+            raise _error(path, f"tensors differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        tensors = {key: f.get_tensor(key) for key in expected}
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise _error(
+                path,
+                f"tensor '{key}' has shape {tuple(tensor.shape)}, this model {tuple(expected[key].shape)}",
+            )
+    with torch.no_grad():
+        # load_state_dict copies into the live tensors (device and dtype of the model's) and
+        # honours a bank's own _load_from_state_dict, e.g. one that re-derives index structures.
+        srde_model.adapter.load_state_dict(tensors, strict=True)
+    return meta

@@ -1,0 +1,104 @@
+"""Building the run's model from the recipe: the base (HF transformers) and the attached experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from srde_core.errors import SRDEError, available, did_you_mean
+
+
+def _load_kwargs(run) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"attn_implementation": run.recipe.model.attn_implementation}
+    owners: dict[str, str] = {}
+    for extra in run.hook.srde_model_load_kwargs(recipe=run.recipe):
+        for key, value in (extra or {}).items():
+            if key in owners and kwargs[key] != value:
+                raise SRDEError(f"two plugins set model load argument '{key}' differently", key="model")
+            kwargs[key] = value
+            owners[key] = "plugin"
+    return kwargs
+
+
+def model_class(architecture: str):
+    """The transformers class named by ``model.architecture``."""
+    import transformers
+
+    from srde_core.model.architectures import supported_architectures
+
+    cls = getattr(transformers, architecture, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        names = supported_architectures()
+        raise SRDEError(
+            f"unknown architecture '{architecture}'{did_you_mean(architecture, names)}; {available(names)}",
+            key="model.architecture",
+        )
+    return cls
+
+
+def build_base_model(run):
+    """Load (``name_or_path``) or build from ``model.config`` the base model, on the run's device."""
+    import torch
+
+    spec = run.recipe.model
+    cls = model_class(spec.architecture)
+    kwargs = _load_kwargs(run)
+    dtype = getattr(torch, spec.dtype)
+    if spec.name_or_path:
+        model = cls.from_pretrained(spec.name_or_path, dtype=dtype, **spec.config, **kwargs)
+    else:
+        tokenizer = run.tokenizer
+        defaults = {
+            "vocab_size": tokenizer.vocab_size,
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+        try:
+            config = cls.config_class(**{**defaults, **spec.config})
+        except (TypeError, ValueError) as err:
+            raise SRDEError(f"invalid model config: {err}", source=str(run.recipe.path), key="model.config") from None
+        torch.manual_seed(run.recipe.seed)
+        model = cls._from_config(config, dtype=dtype, **kwargs)
+    model.to(run.device)
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    impl = getattr(model.config, "_attn_implementation", spec.attn_implementation)
+    note = " (flash-attn needs CUDA)" if run.device.type == "cpu" and impl == "sdpa" else ""
+    run.log(f"attention: {impl}{note}; base parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+    return model
+
+
+def build_experts_components(recipe, build):
+    """(layout, delta type, selector or None, component specs) for ``attach_srde``."""
+    from srde_core.model.attach import ComponentSpec
+
+    srde = recipe.srde
+    layout = build(srde.layout)
+    delta_type = build(srde.delta)
+    selector = build(srde.selector) if delta_type.uses_selector else None
+    chosen = {"layout": srde.layout, "delta": srde.delta}
+    if selector is not None:
+        chosen["selector"] = srde.selector
+    specs = {kind: ComponentSpec.of(choice.name, choice.params) for kind, choice in chosen.items()}
+    return layout, delta_type, selector, specs
+
+
+def attach_from_recipe(run):
+    """Freeze the run's base model and attach the recipe's experts; then let plugins configure it."""
+    from srde_core.model.attach import attach_srde
+
+    layout, delta_type, selector, specs = build_experts_components(run.recipe, run.build)
+    experts = attach_srde(
+        run.model,
+        layout=layout,
+        delta_type=delta_type,
+        selector=selector,
+        projections=run.recipe.srde.projections,
+        seed=run.recipe.seed,
+        components=specs,
+    )
+    run.hook.srde_configure_model(model=run.model, run=run)
+    count = sum(p.numel() for p in experts.trainable_parameters().values())
+    run.log(f"experts: {len(experts.layers)} layers, {count / 1e6:.2f}M trainable parameters")
+    return experts

@@ -1,0 +1,168 @@
+"""The plugin manager: built-in and third-party plugins load the same way.
+
+Every plugin is an entry point in the group ``srde`` (our own are declared in pyproject.toml).
+A plugin that fails to import, implements an unknown hook, or breaks while registering is
+recorded as broken with its error; the others still load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from srde_core import hookspecs
+from srde_core.errors import PluginError
+from srde_core.registry import Registries, SettingsTable
+
+ENTRY_POINT_GROUP = "srde"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One discovered plugin: its entry-point name, distribution and what it provides."""
+
+    name: str
+    distribution: str
+    version: str
+    summary: str
+    error: str | None = None
+
+
+@dataclass
+class PluginSet:
+    """The loaded plugins: the pluggy manager, the filled registries and what failed."""
+
+    manager: pluggy.PluginManager
+    registries: Registries
+    plugins: list[PluginInfo] = field(default_factory=list)
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
+
+    @property
+    def broken(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.error]
+
+    def broken_note(self) -> str:
+        """A hint appended to 'unknown component' errors when some plugin failed to load."""
+        if not self.broken:
+            return ""
+        return "; " + "; ".join(f"plugin '{p.name}' failed to load ({p.error})" for p in self.broken)
+
+
+def _first_doc_line(obj: Any) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class _StagedRegistrar:
+    """Collects one plugin's registrations so a plugin that fails halfway registers nothing."""
+
+    def __init__(self, provider: str):
+        self.provider = provider
+        self._staging = Registries()
+        self._target = self._staging.for_provider(provider)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+    def commit(self, registries: Registries) -> None:
+        staged = list(self._staging.components())
+        settings: list[SettingsTable] = list(self._staging.settings.values())
+        for component in staged:  # check every name before adding any
+            existing = registries[component.kind]
+            if component.name in existing:
+                existing.add(component)  # raises the "provided twice" error naming both
+        for table in settings:
+            if table.name in registries.settings:
+                registries.add_settings(table)
+        for component in staged:
+            registries[component.kind].add(component)
+        for table in settings:
+            registries.add_settings(table)
+
+
+def load_plugins(*, entry_points: list[metadata.EntryPoint] | None = None) -> PluginSet:
+    """Discover, import and register every plugin of the ``srde`` entry-point group."""
+    from srde_core import defaults
+
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    manager.add_hookspecs(hookspecs)
+    manager.register(defaults, name="srde-core")
+    registries = Registries()
+    plugin_set = PluginSet(manager, registries)
+    infos: dict[str, PluginInfo] = {}
+
+    eps = entry_points if entry_points is not None else metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(eps, key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else "?"
+        version = dist.version if dist is not None else "?"
+        if ep.name in infos or manager.has_plugin(ep.name):
+            infos[f"{ep.name}@{dist_name}"] = PluginInfo(
+                ep.name, dist_name, version, "", f"entry point name '{ep.name}' is used twice"
+            )
+            continue
+        try:
+            plugin = ep.load()
+            manager.register(plugin, name=ep.name)
+        except Exception as err:  # a broken third-party plugin must not take the others down
+            infos[ep.name] = PluginInfo(ep.name, dist_name, version, "", _error_text(err))
+            continue
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as err:
+            manager.unregister(name=ep.name)
+            infos[ep.name] = PluginInfo(ep.name, dist_name, version, "", _error_text(err))
+            continue
+        infos[ep.name] = PluginInfo(ep.name, dist_name, version, _first_doc_line(plugin))
+
+    for impl in manager.hook.srde_register.get_hookimpls():
+        name = impl.plugin_name
+        registrar = _StagedRegistrar(name)
+        try:
+            impl.function(registry=registrar)
+            registrar.commit(registries)
+        except Exception as err:
+            manager.unregister(name=name)
+            old = infos.get(name)
+            infos[name] = PluginInfo(
+                name, old.distribution if old else "?", old.version if old else "?",
+                old.summary if old else "", _error_text(err),
+            )
+    registries.freeze()
+    plugin_set.plugins = sorted(infos.values(), key=lambda p: p.name)
+    return plugin_set
+
+
+def provided_by(plugin_set: PluginSet, plugin_name: str) -> list[tuple[str, str]]:
+    """(kind, name) pairs of the components and settings tables a plugin registered."""
+    items = [(c.kind, c.name) for c in plugin_set.registries.components() if c.provider == plugin_name]
+    items += [
+        ("settings", f"plugins.{t.name}")
+        for t in plugin_set.registries.settings.values()
+        if t.provider == plugin_name
+    ]
+    return items
+
+
+def require_healthy(plugin_set: PluginSet, names: list[str], source: str | None = None) -> None:
+    """Stop with a clear message when the recipe requires a plugin that is broken or absent."""
+    by_name = {p.name: p for p in plugin_set.plugins}
+    for name in names:
+        info = by_name.get(name)
+        if info is None:
+            raise PluginError(f"required plugin '{name}' is not installed", source=source, key="plugins.require")
+        if info.error:
+            raise PluginError(
+                f"required plugin '{name}' failed to load: {info.error}", source=source, key="plugins.require"
+            )

@@ -1,0 +1,1 @@
+"""Training mechanics shared by every trainer: the engine, the loop, checkpoints, metrics."""

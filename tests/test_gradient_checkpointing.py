@@ -1,0 +1,67 @@
+"""SRDE layers under HF gradient checkpointing: same loss, same gradients, router stats intact."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from transformers import Ministral3Config, Ministral3ForCausalLM
+
+from srde_core.model.build import build_experts_components
+from srde_core.model.attach import attach_srde
+from srde_core.recipe import load_recipe
+from srde_core.train.objective import build_objective, router_statistics
+
+
+def experts_model(plugins, recipe, checkpointing: bool):
+    torch.manual_seed(0)
+    config = Ministral3Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=64, tie_word_embeddings=True,
+    )
+    model = Ministral3ForCausalLM(config)
+    build = lambda choice: plugins.registries[choice.kind].get(choice.name).build(choice.params)  # noqa: E731
+    layout, delta, selector, specs = build_experts_components(recipe, build)
+    experts = attach_srde(model, layout=layout, delta_type=delta, selector=selector,
+                          projections=recipe.srde.projections, seed=0, components=specs)
+    with torch.no_grad():
+        for name, p in experts.trainable_parameters().items():
+            p.add_(0.05 * torch.randn_like(p))
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, experts
+
+
+def test_checkpointed_training_step_matches_the_plain_one(plugins, micro_recipe):
+    recipe = load_recipe(micro_recipe, plugins)
+    run = types.SimpleNamespace(
+        build=lambda choice: plugins.registries[choice.kind].get(choice.name).build(choice.params),
+        data=types.SimpleNamespace(domains=["a", "b"]),
+    )
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    results = []
+    for checkpointing in (False, True):
+        model, experts = experts_model(plugins, recipe, checkpointing)
+        routers = list(experts.routers().values())
+        loss, parts = build_objective(run, recipe.phases[1], model, routers)(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in experts.trainable_parameters().items()}
+        results.append((float(loss.detach()), parts, grads))
+    (loss_a, parts_a, grads_a), (loss_b, parts_b, grads_b) = results
+    assert loss_a == loss_b
+    assert parts_a["router_max_load"] == parts_b["router_max_load"]
+    assert parts_a["router_entropy"] == parts_b["router_entropy"]
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_router_statistics_are_bounded(plugins, micro_recipe):
+    recipe = load_recipe(micro_recipe, plugins)
+    model, experts = experts_model(plugins, recipe, False)
+    model(input_ids=torch.randint(0, 64, (2, 8)))
+    stats = router_statistics([r.last for r in experts.routers().values()])
+    num_experts = recipe.srde.layout.params.num_experts
+    assert 1 / num_experts <= stats["router_max_load"] <= 1.0
+    assert 0.0 <= stats["router_entropy"] <= torch.log(torch.tensor(float(num_experts))).item() + 1e-6

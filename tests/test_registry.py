@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import Field
+
+from srde_core.errors import PluginError, RecipeError
+from srde_core.params import NoParams, Params
+from srde_core.registry import KINDS, Registries
+
+
+class DemoParams(Params):
+    size: int = Field(1, ge=1)
+
+
+def make(params):
+    """Demo component."""
+    return params.size
+
+
+def test_every_kind_has_a_registry():
+    registries = Registries()
+    assert set(registries.kinds) == set(KINDS) == {"selector", "delta", "layout", "loss", "scheduler", "trainer"}
+
+
+def test_component_builds_with_validated_params_and_takes_summary_from_docstring():
+    registries = Registries()
+    registries.for_provider("demo").add("loss", "demo", make, DemoParams)
+    component = registries["loss"].get("demo")
+    assert component.summary == "Demo component."
+    assert component.provider == "demo"
+    assert component.build(DemoParams(size=3)) == 3
+
+
+def test_duplicate_name_in_one_kind_names_both_providers():
+    registries = Registries()
+    registries.for_provider("first").add("loss", "demo", make)
+    with pytest.raises(PluginError, match="provided twice: by 'first' and by 'second'"):
+        registries.for_provider("second").add("loss", "demo", make)
+
+
+def test_same_name_in_different_kinds_is_fine():
+    registries = Registries()
+    registries.for_provider("a").add("loss", "x", make)
+    registries.for_provider("a").add("scheduler", "x", make)
+    assert registries["loss"].names() == registries["scheduler"].names() == ["x"]
+
+
+def test_unknown_name_suggests_and_lists_available():
+    registries = Registries()
+    registries.for_provider("a").add("delta", "sparse", make)
+    with pytest.raises(RecipeError, match=r"unknown delta 'sprase' \(did you mean 'sparse'\?\); available: sparse"):
+        registries["delta"].get("sprase")
+
+
+def test_unknown_kind_is_an_error():
+    with pytest.raises(PluginError, match="unknown component kind 'optimiser'"):
+        Registries()["optimiser"]
+
+
+def test_params_must_be_a_params_subclass():
+    with pytest.raises(PluginError, match="must subclass"):
+        Registries().for_provider("a").add("loss", "x", make, dict)
+
+
+def test_frozen_registry_rejects_late_registration():
+    registries = Registries()
+    registries.freeze()
+    with pytest.raises(PluginError, match="frozen"):
+        registries.for_provider("late").add("loss", "x", make, NoParams)
+
+
+def test_decorator_registration():
+    registries = Registries()
+    registrar = registries.for_provider("a")
+
+    @registrar.component("scheduler", "flat")
+    def flat(params, total_steps):
+        """Flat schedule."""
+        return lambda step: 1.0
+
+    assert registries["scheduler"].get("flat").summary == "Flat schedule."
+
+
+def test_params_are_strict_frozen_and_closed():
+    with pytest.raises(Exception):
+        DemoParams(size="3")
+    with pytest.raises(Exception):
+        DemoParams(sise=3)
+    params = DemoParams(size=2)
+    with pytest.raises(Exception):
+        params.size = 4

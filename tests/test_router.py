@@ -1,0 +1,145 @@
+"""The per-token router: top-k, softmax over the chosen k, grouping by expert, `last`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from srde_core.model.layer import SRDEMLP
+from srde_core.model.routing import Router, Routing
+
+
+def make_router(hidden=16, experts=6, top_k=2, seed=0) -> Router:
+    return Router(hidden, experts, top_k, torch.Generator().manual_seed(seed))
+
+
+def tokens(n=25, hidden=16, seed=1) -> torch.Tensor:
+    return torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 6])
+def test_top_k_picks_the_largest_logits(top_k):
+    router = make_router(top_k=top_k)
+    routing = router(tokens())
+    assert routing.experts.shape == (25, top_k) and routing.top_k == top_k
+    chosen = torch.gather(routing.logits, 1, routing.experts)
+    others = routing.logits.clone()
+    others.scatter_(1, routing.experts, float("-inf"))
+    assert bool((chosen.min(1).values >= others.max(1).values).all())
+    assert bool((routing.experts.sort(1).values[:, 1:] != routing.experts.sort(1).values[:, :-1]).all())
+
+
+def test_weights_are_a_softmax_over_the_chosen_k():
+    routing = make_router(top_k=3)(tokens())
+    torch.testing.assert_close(routing.weights.sum(1), torch.ones(25))
+    chosen = torch.gather(routing.logits, 1, routing.experts)
+    torch.testing.assert_close(routing.weights, torch.softmax(chosen, dim=1))
+    torch.testing.assert_close(routing.probs, torch.softmax(routing.logits, dim=1))
+
+
+def test_top_1_weight_is_one():
+    routing = make_router(top_k=1)(tokens())
+    assert torch.equal(routing.weights, torch.ones(25, 1))
+
+
+def test_invalid_top_k():
+    with pytest.raises(ValueError):
+        Router(8, 4, 5)
+    with pytest.raises(ValueError):
+        Router(8, 4, 0)
+
+
+def test_groups_list_every_slot_once_by_expert():
+    routing = make_router(experts=5, top_k=2)(tokens(n=30))
+    groups = routing.groups()
+    assert groups.offsets[0] == 0 and groups.offsets[-1] == 60
+    assert sum(groups.counts) == 60
+    seen = []
+    for e in range(5):
+        toks, weights = groups.expert(e)
+        assert len(toks) == groups.counts[e]
+        for t, w in zip(toks.tolist(), weights.tolist()):
+            slot = routing.experts[t].tolist().index(e)
+            assert w == routing.weights[t, slot].item()
+            seen.append((t, e))
+        assert toks.tolist() == sorted(toks.tolist())  # token order is kept within an expert
+    assert sorted(seen) == sorted((t, int(e)) for t in range(30) for e in routing.experts[t])
+
+
+def test_groups_with_experts_that_get_no_token():
+    experts = torch.tensor([[3, 0], [0, 3], [3, 0]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    routing = Routing(experts, weights, torch.zeros(3, 5), torch.zeros(3, 5), num_experts=5)
+    groups = routing.groups()
+    assert groups.counts == [3, 0, 0, 3, 0]
+    assert groups.offsets == [0, 3, 3, 3, 6, 6]
+    for e in (1, 2, 4):
+        toks, w = groups.expert(e)
+        assert toks.numel() == 0 and w.numel() == 0
+    toks, w = groups.expert(3)
+    assert toks.tolist() == [0, 1, 2] and w.tolist() == pytest.approx([0.6, 0.3, 0.5])
+    assert routing.groups() is groups  # computed once, shared by every projection
+    assert routing.load().tolist() == pytest.approx([0.5, 0.0, 0.0, 0.5, 0.0])
+
+
+def test_group_weights_carry_the_gradient_to_the_gate():
+    router = make_router()
+    routing = router(tokens())
+    routing.groups().weights.sum().backward()
+    # every token's weights sum to 1, so the gradient of their sum is zero, but it flows
+    assert router.gate.weight.grad is not None
+    router.gate.weight.grad = None
+    routing = router(tokens())
+    (routing.groups().weights ** 2).sum().backward()
+    assert torch.count_nonzero(router.gate.weight.grad) > 0
+
+
+class _Recorder(nn.Module):
+    """A delta bank stand-in that records the routing it is called with and adds nothing."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def forward(self, x, routing):
+        self.log.append((self.name, routing))
+        return torch.zeros(x.shape[0], 1)
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(16, 24, bias=False)
+        self.up_proj = nn.Linear(16, 24, bias=False)
+        self.down_proj = nn.Linear(24, 16, bias=False)
+        self.act_fn = nn.SiLU()
+
+
+def test_one_decision_per_token_shared_by_the_three_projections():
+    log = []
+    router = make_router()
+    calls = []
+    original = router.forward
+    router.forward = lambda x: calls.append(1) or original(x)
+    banks = {name: _Recorder(log, name) for name in ("gate_proj", "up_proj", "down_proj")}
+    mlp = SRDEMLP(_MLP(), router, banks)
+    mlp(tokens().view(5, 5, 16))
+    assert len(calls) == 1
+    assert [name for name, _ in log] == ["gate_proj", "up_proj", "down_proj"]
+    assert log[0][1] is log[1][1] is log[2][1] is router.last
+
+
+def test_last_is_overwritten_not_appended():
+    router = make_router()
+    first = router(tokens(seed=1))
+    assert router.last is first
+    second = router(tokens(seed=2))
+    assert router.last is second and router.last is not first
+    assert isinstance(router.last, Routing)  # one routing, never a list
+
+
+def test_routing_is_computed_in_float32():
+    router = make_router().to(torch.bfloat16)
+    routing = router(tokens().to(torch.bfloat16))
+    assert routing.logits.dtype == torch.float32 and routing.weights.dtype == torch.float32
