@@ -27,6 +27,7 @@ def _base_key(run, phase) -> str:
         "model": recipe["model"],
         "tokenizer": run.tokenizer.fingerprint,
         "data": run.data.fingerprint,
+        "data_settings": recipe["data"],  # loss_on, seq_len, ... change what the base learns
         "phase": recipe["phases"][phase.index],
         "seed": run.recipe.seed,
     }

@@ -25,7 +25,8 @@ def test_base_cache_key_changes_with_anything_that_changes_the_weights(plugins, 
     recipe = load_recipe(micro_recipe, plugins)
     key = _base_key(fake_run(recipe), recipe.phases[0])
     assert key == _base_key(fake_run(recipe), recipe.phases[0])
-    for override in ("seed=1", "phases.base.lr=0.01", "model.config.hidden_size=32", "phases.base.steps=7"):
+    for override in ("seed=1", "phases.base.lr=0.01", "model.config.hidden_size=32", "phases.base.steps=7",
+                     "data.loss_on=answer"):
         other = load_recipe(micro_recipe, plugins, [override])
         assert _base_key(fake_run(other), other.phases[0]) != key, override
     run = fake_run(recipe)
