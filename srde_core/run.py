@@ -30,8 +30,8 @@ def run_directory(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
 
-def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
-    """Create (or check, for ``--resume``) the run directory and write the resolved recipe."""
+def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
+    """Refuse early (before any work) what ``prepare_run_directory`` would refuse later."""
     run_dir = run_directory(recipe)
     saved = run_dir / RECIPE_FILE
     if resume:
@@ -44,13 +44,23 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
                 "and --set overrides (or use --fresh)",
                 source=str(run_dir),
             )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not fresh:
+        raise SRDEError("run directory exists; pass --resume to continue it or --fresh to start over", source=str(run_dir))
+    return run_dir
+
+
+def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
+    """Create the run directory (emptied first with ``fresh``) and write the resolved recipe.
+
+    Called once the data and the model have loaded, so bad input leaves nothing behind.
+    """
+    run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
+    if resume:
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not fresh:
-            raise SRDEError("run directory exists; pass --resume to continue it or --fresh to start over", source=str(run_dir))
+    if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "recipe": recipe.resolved})
+    write_json_atomic(run_dir / RECIPE_FILE, {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "recipe": recipe.resolved})
     return run_dir
 
 
@@ -127,15 +137,16 @@ def execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool = False
     from srde_core.train.checkpoints import CheckpointStore
     from srde_core.train.metrics import MetricsLog
 
-    run_dir = prepare_run_directory(recipe, resume=resume, fresh=fresh)
+    run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
     seed_everything(recipe.seed)
     run = RunContext(recipe, plugins, run_dir, pick_device(recipe.device), console, resume=resume)
-    run.metrics = MetricsLog(run_dir / "metrics.jsonl")
-    run.checkpoints = CheckpointStore(run_dir / "checkpoints")
     print_header(run)
     run.tokenizer, run.data = load_run_data(run)
     run.hook.srde_prepare_data(data=run.data, run=run)
     run.model = build_base_model(run)
+    prepare_run_directory(recipe, resume=resume, fresh=fresh)
+    run.metrics = MetricsLog(run_dir / "metrics.jsonl")
+    run.checkpoints = CheckpointStore(run_dir / "checkpoints")
     for phase in recipe.phases:
         trainer = run.build(phase.trainer)
         run.hook.srde_before_phase(phase=phase, run=run)

@@ -105,3 +105,18 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, plugins, micro_reci
     expected = load_file(reference / "runs" / "micro" / "adapter.safetensors")
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_data_ends_in_one_line_and_leaves_no_run_directory(tmp_path, micro_recipe, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "Q: 1+1=? A:", "answer": "2", "domain": "math"}\n{oops\n')
+    text = micro_recipe.read_text()
+    generate = "[data.generate]\nexamples_per_domain = 40\neval_per_domain = 6\nseed = 0\n"
+    assert generate in text
+    text = text.replace(generate, "").replace("[data]\n", '[data]\ntrain_files = ["train.jsonl"]\n')
+    (tmp_path / "files.toml").write_text(text)
+    code = main(["run", str(tmp_path / "files.toml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "train.jsonl: line 2" in err[0]
+    assert not (tmp_path / "runs").exists()
