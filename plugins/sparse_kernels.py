@@ -120,18 +120,6 @@ def _spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return result.addmm_(sparse, dense, beta=0.0)
 
 
-def _columns(x: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x[tokens].T`` as a contiguous feature-major ``[features, n]`` matrix of ``dtype``."""
-    return x.index_select(0, tokens).to(dtype).t().contiguous()
-
-
-def _add_columns(target: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor) -> None:
-    """``target[tokens] += columns.T`` for a feature-major ``[features, n]`` block.
-
-    A contiguous transpose followed by a row scatter is faster than scattering a strided view."""
-    target.index_add_(0, tokens, columns.t().contiguous())
-
-
 class _RoutedSparseDelta(torch.autograd.Function):
     """All experts of one projection in one autograd node (see :func:`routed_sparse_delta`)."""
 
@@ -144,7 +132,10 @@ class _RoutedSparseDelta(torch.autograd.Function):
         w_all = weights.to(dtype)
         scale_input = s.in_features <= s.out_features  # the gate weight scales the smaller side
         cache = cache_inputs and any(ctx.needs_input_grad[:4])
-        out = torch.zeros(x.shape[0], s.out_features, dtype=dtype, device=x.device)
+        # Feature-major whole-matrix layouts: one transpose of x and of the result instead of one
+        # per expert; per-expert gathers/scatters run along the token dimension (exact: same sums).
+        x_fm = x.to(dtype).t().contiguous()  # [in, T]
+        out_fm = torch.zeros(s.out_features, x.shape[0], dtype=dtype, device=x.device)
         cached = []
         with _quiet_sparse():
             for e in range(s.num_experts):
@@ -152,7 +143,7 @@ class _RoutedSparseDelta(torch.autograd.Function):
                 if hi == lo:
                     continue
                 tok, w = tokens[lo:hi], w_all[lo:hi]
-                xt = _columns(x, tok, dtype)  # [in, n], unscaled
+                xt = x_fm.index_select(1, tok)  # [in, n], unscaled
                 if cache:
                     cached.append(xt)
                 a_e = _csr(s.crow[e], s.col[e], a[e], size)
@@ -160,10 +151,10 @@ class _RoutedSparseDelta(torch.autograd.Function):
                     y = _spmm(a_e, xt * w if cache else xt.mul_(w))
                 else:
                     y = _spmm(a_e, xt).mul_(w)
-                _add_columns(out, tok, y)  # y: [out, n]
+                out_fm.index_add_(1, tok, y)  # y: [out, n]
         ctx.save_for_backward(x, values, tokens, weights, *cached)
         ctx.structure, ctx.offsets, ctx.cached = structure, offsets, cache
-        return out.to(x.dtype)
+        return out_fm.t().contiguous().to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -177,7 +168,9 @@ class _RoutedSparseDelta(torch.autograd.Function):
         a = values.to(dtype)
         w_all = weights.to(dtype)
         scale_input = s.in_features <= s.out_features
-        grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device) if need_x else None
+        grad_x_fm = torch.zeros(x.shape[1], x.shape[0], dtype=dtype, device=x.device) if need_x else None
+        g_fm = grad_out.to(dtype).t().contiguous()  # [out, T]
+        x_fm = None
         grad_values = torch.zeros_like(a) if need_values else None
         grad_weights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
         inputs = iter(cached)
@@ -189,8 +182,10 @@ class _RoutedSparseDelta(torch.autograd.Function):
                 tok, w = tokens[lo:hi], w_all[lo:hi]
                 xt = next(inputs) if ctx.cached else None  # [in, n], unscaled
                 if xt is None and (need_values or need_weights):
-                    xt = _columns(x, tok, dtype)
-                gt = _columns(grad_out, tok, dtype)  # [out, n]
+                    if x_fm is None:
+                        x_fm = x.to(dtype).t().contiguous()
+                    xt = x_fm.index_select(1, tok)
+                gt = g_fm.index_select(1, tok)  # [out, n]
                 if need_values:
                     # dL/dA_e = sum_n w_n g_n x_n^T at the expert's positions, in CSR order
                     g_op, x_op = (gt, xt * w) if scale_input else (gt * w, xt)
@@ -202,9 +197,9 @@ class _RoutedSparseDelta(torch.autograd.Function):
                     if need_weights:
                         grad_weights[lo:hi] = torch.linalg.vecdot(xt, g_in, dim=0)
                     if need_x:
-                        _add_columns(grad_x, tok, g_in.mul_(w))
+                        grad_x_fm.index_add_(1, tok, g_in.mul_(w))
         return (
-            grad_x.to(x.dtype) if need_x else None,
+            grad_x_fm.t().contiguous().to(x.dtype) if need_x else None,
             grad_values.to(values.dtype) if need_values else None,
             None,
             grad_weights.to(weights.dtype) if need_weights else None,

@@ -7,8 +7,16 @@ Registered before any plugin (as ``srde-core``) and marked ``trylast``, so a plu
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 
 from srde_core.hookspecs import hookimpl
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, phase_name: str, epoch: int, n: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"{seed}:{phase_name}:{epoch}").shuffle(order)
+    return tuple(order)
 
 
 @hookimpl(trylast=True)
@@ -22,8 +30,7 @@ def srde_batch_indices(dataset, phase, step, batch_size, seed):
     indices = []
     while len(indices) < batch_size:
         epoch, offset = divmod(start + len(indices), n)
-        order = list(range(n))
-        random.Random(f"{seed}:{phase.name}:{epoch}").shuffle(order)
+        order = _epoch_order(seed, phase.name, epoch, n)
         take = min(batch_size - len(indices), n - offset)
         indices.extend(order[offset : offset + take])
     return indices
