@@ -81,6 +81,7 @@ class SparseDeltaBank(DeltaBank):
             groups.weights,
             groups.offsets,
             cache_inputs=self.cache_inputs,
+            shared=routing.scratch,
         )
 
     def delta_weight(self, expert: int) -> torch.Tensor:

@@ -124,7 +124,7 @@ class _RoutedSparseDelta(torch.autograd.Function):
     """All experts of one projection in one autograd node (see :func:`routed_sparse_delta`)."""
 
     @staticmethod
-    def forward(ctx, x, values, tokens, weights, structure, offsets, cache_inputs):
+    def forward(ctx, x, values, tokens, weights, structure, offsets, cache_inputs, shared):
         s = structure
         size = (s.out_features, s.in_features)
         dtype = _compute_dtype(x, values)
@@ -134,7 +134,19 @@ class _RoutedSparseDelta(torch.autograd.Function):
         cache = cache_inputs and any(ctx.needs_input_grad[:4])
         # Feature-major whole-matrix layouts: one transpose of x and of the result instead of one
         # per expert; per-expert gathers/scatters run along the token dimension (exact: same sums).
-        x_fm = x.to(dtype).t().contiguous()  # [in, T]
+        # Projections with the same input and routing (gate_proj, up_proj) share the gathered
+        # inputs through `shared`: gathered once, saved for backward once.
+        key = ("sparse-delta-inputs", x.data_ptr(), tuple(x.shape), x.stride(), dtype, tokens.data_ptr())
+        gathered = shared.get(key) if shared is not None else None
+        if gathered is None:
+            x_fm = x.to(dtype).t().contiguous()  # [in, T]
+            gathered = [
+                x_fm.index_select(1, tokens[offsets[e] : offsets[e + 1]]) if offsets[e + 1] > offsets[e] else None
+                for e in range(s.num_experts)
+            ]
+            if shared is not None:
+                shared[key] = gathered
+        reusable = shared is not None or cache  # gathered inputs must then stay unscaled
         out_fm = torch.zeros(s.out_features, x.shape[0], dtype=dtype, device=x.device)
         cached = []
         with _quiet_sparse():
@@ -143,12 +155,12 @@ class _RoutedSparseDelta(torch.autograd.Function):
                 if hi == lo:
                     continue
                 tok, w = tokens[lo:hi], w_all[lo:hi]
-                xt = x_fm.index_select(1, tok)  # [in, n], unscaled
+                xt = gathered[e]  # [in, n], unscaled
                 if cache:
                     cached.append(xt)
                 a_e = _csr(s.crow[e], s.col[e], a[e], size)
                 if scale_input:
-                    y = _spmm(a_e, xt * w if cache else xt.mul_(w))
+                    y = _spmm(a_e, xt * w if reusable else xt.mul_(w))
                 else:
                     y = _spmm(a_e, xt).mul_(w)
                 out_fm.index_add_(1, tok, y)  # y: [out, n]
@@ -206,6 +218,7 @@ class _RoutedSparseDelta(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -218,6 +231,7 @@ def routed_sparse_delta(
     offsets: list[int],
     *,
     cache_inputs: bool = True,
+    shared: dict | None = None,
 ) -> torch.Tensor:
     """``[T, in] -> [T, out]``: the routed sparse delta term of one projection.
 
@@ -230,8 +244,10 @@ def routed_sparse_delta(
     :param offsets: ``tokens[offsets[e]:offsets[e + 1]]`` are expert ``e``'s tokens.
     :param cache_inputs: keep each expert's transposed input from forward for backward instead of
         gathering it again (``S * in`` saved elements, i.e. ``top_k`` copies of ``x``).
+    :param shared: a dict that lives for one forward of one block (``Routing.scratch``):
+        projections with the same input and routing gather (and save) the input once.
 
     Products run in float32 (float64 for float64 operands); the result has ``x``'s dtype.
     Gradients flow to ``x``, ``values`` and ``weights``.
     """
-    return _RoutedSparseDelta.apply(x, values, tokens, weights, structure, offsets, cache_inputs)
+    return _RoutedSparseDelta.apply(x, values, tokens, weights, structure, offsets, cache_inputs, shared)

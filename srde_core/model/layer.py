@@ -47,4 +47,6 @@ class SRDEMLP(nn.Module):
         up = self._project("up_proj", x, routing)
         h = self.base.act_fn(gate) * up
         y = self._project("down_proj", h, routing)
+        if routing is not None:
+            routing.scratch.clear()  # routing outlives the forward on router.last; its scratch must not
         return y.reshape(*shape[:-1], y.shape[-1])

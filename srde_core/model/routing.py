@@ -37,6 +37,9 @@ class Routing:
     logits: torch.Tensor  # [T, E]
     num_experts: int
     _groups: ExpertGroups | None = field(default=None, repr=False)
+    #: Scratch space for the projections of one block during one forward (e.g. a delta bank keeps
+    #: the per-expert gathered input that gate_proj and up_proj share). Cleared by the layer.
+    scratch: dict = field(default_factory=dict, repr=False)
 
     @property
     def top_k(self) -> int:
