@@ -1,54 +1,37 @@
-"""The core's own hook implementations: the defaults that plugins may override.
+"""The core's own hook implementations (registered first, as the plugin ``srde-core``).
 
-Registered before any plugin (as ``srde-core``) and marked ``trylast``, so a plugin's
-``firstresult`` implementation wins over these.
+They declare the core's component kinds, with the contract of each, exactly as a plugin declares
+its own, and give the run engine a say in how the base model is constructed.
 """
 
 from __future__ import annotations
 
-import random
-from functools import lru_cache
-
 from srde_core.hookspecs import hookimpl
+from srde_core.registry import CALLABLE
+
+#: name -> (summary, contract). The contracts are lazy references: nothing here imports torch.
+CORE_KINDS: dict[str, tuple[str, object]] = {
+    "selector": ("Which weight positions a sparse expert may change.", "srde_core.model.components:Selector"),
+    "delta": ("How an expert changes a weight (sparse, low-rank, ...).", "srde_core.model.components:DeltaType"),
+    "layout": ("Which layers get experts, how many, and which share banks.", "srde_core.model.layout:Layout"),
+    "router": ("Routes each token to its experts (top-k and gate normalisation).", "srde_core.model.routing:RouterType"),
+    "combine": ("How the k expert terms of a token become one (fusion).", "srde_core.model.combine:CombineType"),
+    "loss": ("A training loss: LossInputs -> scalar.", CALLABLE),
+    "scheduler": ("Learning-rate multiplier per optimiser step.", CALLABLE),
+    "schedule": ("A scalar over training (density, temperature, loss weight).", "srde_core.train.schedules:Schedule"),
+    "trainer": ("What a phase does: supervised, expert pre-training, RL.", "srde_core.train.trainer:Trainer"),
+    "engine": ("Owns backward, optimiser, precision, distribution and checkpoint I/O.", "srde_core.train.engine:Engine"),
+    "sampler": ("Which examples make the global batch of each step.", "srde_core.data.sampler:Sampler"),
+}
 
 
-@lru_cache(maxsize=4)
-def _epoch_order(seed: int, phase_name: str, epoch: int, n: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(f"{seed}:{phase_name}:{epoch}").shuffle(order)
-    return tuple(order)
+@hookimpl
+def srde_add_kinds(kinds):
+    for name, (summary, contract) in CORE_KINDS.items():
+        kinds.add(name, summary, contract=contract)
 
 
 @hookimpl(trylast=True)
-def srde_batch_indices(dataset, phase, step, batch_size, seed):
-    """Epoch-wise shuffled order: micro-batch ``step`` of a permutation reshuffled every epoch.
-
-    A pure function of its arguments, so a resumed run sees exactly the batches it would have.
-    """
-    n = len(dataset)
-    start = step * batch_size
-    indices = []
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), n)
-        order = _epoch_order(seed, phase.name, epoch, n)
-        take = min(batch_size - len(indices), n - offset)
-        indices.extend(order[offset : offset + take])
-    return indices
-
-
-@hookimpl(trylast=True)
-def srde_training_engine(model, parameters, phase, run):
-    """The plain PyTorch engine (AdamW + the phase's LR schedule)."""
-    from srde_core.train.engine import TorchEngine
-
-    schedule = run.build(phase.scheduler, total_steps=phase.steps)
-    return TorchEngine(
-        parameters,
-        lr=phase.lr,
-        weight_decay=phase.weight_decay,
-        betas=(phase.beta1, phase.beta2),
-        max_grad_norm=phase.max_grad_norm,
-        schedule=schedule,
-        device=run.device,
-        precision=phase.precision,
-    )
+def srde_model_init_context(run):
+    """The run engine's context for model construction (ZeRO-3 partitions at creation)."""
+    return run.engine.model_init_context() if run.engine is not None else None

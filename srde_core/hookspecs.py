@@ -5,25 +5,48 @@ listed here; it is found through the entry-point group ``srde`` (built-ins inclu
 implementation may accept any subset of the arguments below. Unless a hook says *firstresult*,
 every implementation is called and the results are collected in a list.
 
-Registries are for components that a recipe picks by name (``srde_register``). Every other hook is
-for cross-cutting features that change a run: flash attention, torch.compile, DeepSpeed, data
-caching, curriculum order, logging, adaptive schedules.
+Components that a run *picks by name* (an engine, a sampler, a router, a reward model) are
+registered in the registries (``srde_register``) and chosen in the recipe; a plugin can declare
+new kinds of them (``srde_add_kinds``). Every other hook is for cross-cutting features that change
+a run: flash attention, torch.compile, data caching, logging, adaptive schedules.
 
 The ``run`` argument is the :class:`srde_core.run.RunContext` of the run in progress: ``run.recipe``
 (the resolved, frozen recipe), ``run.settings(name)`` (this plugin's ``[plugins.NAME]`` table),
-``run.run_dir``, ``run.device``, ``run.model``, ``run.tokenizer``, ``run.data`` and ``run.log(...)``.
+``run.run_dir``, ``run.dist`` (rank, world size, main process), ``run.device``, ``run.engine``,
+``run.model``, ``run.experts``, ``run.tokenizer``, ``run.data`` and ``run.log(...)``.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing this module stays free of torch
+    from srde_core.data.dataset import DataBundle
+    from srde_core.model.context import ForwardContext
+    from srde_core.recipe.resolve import Phase, Recipe
+    from srde_core.registry import KindRegistrar, ProviderRegistrar
+    from srde_core.run import RunContext
 
 hookspec = pluggy.HookspecMarker("srde")
 hookimpl = pluggy.HookimplMarker("srde")
 
 
 @hookspec
-def srde_register(registry):
+def srde_add_kinds(kinds: KindRegistrar) -> None:
+    """Declare new component kinds (the analogue of ``pytest_addhooks``).
+
+    Called once per process, at start-up, for every plugin before any ``srde_register``.
+    ``kinds.add(name, summary, contract=...)``: ``contract`` is the class (or a lazy
+    ``"module:attr"`` reference to it) every component of the kind must be an instance of. A
+    component kind is then used from params: ``verifier: ComponentChoice = component("verifier")``.
+    """
+
+
+@hookspec
+def srde_register(registry: ProviderRegistrar) -> None:
     """Add components to the registries. Called once per process, at start-up.
 
     :param registry: a :class:`srde_core.registry.ProviderRegistrar` bound to this plugin's name:
@@ -35,7 +58,7 @@ def srde_register(registry):
 
 
 @hookspec
-def srde_run_header(recipe):
+def srde_run_header(recipe: Recipe) -> list[str] | None:
     """Lines for the run header, e.g. ``"attention: sdpa (flash-attn needs CUDA)"``.
 
     Called after the recipe is resolved, before any work. Return a list of strings or None.
@@ -43,7 +66,7 @@ def srde_run_header(recipe):
 
 
 @hookspec
-def srde_model_load_kwargs(recipe):
+def srde_model_load_kwargs(recipe: Recipe) -> dict[str, Any] | None:
     """Extra keyword arguments for loading the base model (``from_pretrained`` / ``from_config``).
 
     Called before the base model is built. Return a dict or None; all dicts are merged, and two
@@ -53,7 +76,17 @@ def srde_model_load_kwargs(recipe):
 
 
 @hookspec
-def srde_configure_model(model, run):
+def srde_model_init_context(run: RunContext) -> AbstractContextManager | None:
+    """A context manager to enter around the construction of the base model, or None.
+
+    Called once per run, before the base model is built. Every returned context is entered (in plugin order) while the model is built; ZeRO-3 returns
+    ``deepspeed.zero.Init`` here so parameters are partitioned as they are created. The core's
+    own implementation returns the run engine's :meth:`~srde_core.train.engine.Engine.model_init_context`.
+    """
+
+
+@hookspec
+def srde_configure_model(model: Any, run: RunContext) -> None:
     """Change the model in place once the base is frozen and the SRDE layers are attached.
 
     Called once per run, when the first phase that trains experts attaches them (after any dense
@@ -62,7 +95,7 @@ def srde_configure_model(model, run):
 
 
 @hookspec
-def srde_prepare_data(data, run):
+def srde_prepare_data(data: DataBundle, run: RunContext) -> None:
     """Adjust the tokenised data before training (filtering, re-weighting, extra caching).
 
     Called once per run, after the data is loaded and tokenised (or read from the cache).
@@ -72,47 +105,37 @@ def srde_prepare_data(data, run):
     """
 
 
-@hookspec(firstresult=True)
-def srde_batch_indices(dataset, phase, step, batch_size, seed):
-    """The example indices of micro-batch number ``step`` of a phase (curriculum order, ...).
+@hookspec
+def srde_forward_context(context: ForwardContext, batch: dict[str, Any], phase: Phase, run: RunContext) -> None:
+    """Add per-token metadata to the :class:`~srde_core.model.context.ForwardContext` of a
+    training forward (a budget from a difficulty head, a forced assignment, ...).
 
-    Called before every micro-batch of every phase. *firstresult*: the first non-None list wins; the core's default is a reshuffled-per-epoch
-    permutation. It must be a pure function of its arguments: resuming a run replays it from the
-    saved step, which is what makes resumption exact.
-    """
-
-
-@hookspec(firstresult=True)
-def srde_training_engine(model, parameters, phase, run):
-    """The engine that owns backward, clipping, the optimiser step and mixed precision.
-
-    Called once at the start of every training phase. *firstresult*: the first non-None engine wins; the core's default is
-    :class:`srde_core.engine.TorchEngine`. DeepSpeed ZeRO returns its own engine here. The engine
-    must provide the methods of :class:`srde_core.engine.Engine`.
+    Called before every training forward pass whose model has experts attached, after the core
+    filled ``domain_ids`` and ``difficulty`` from the batch. Change ``context`` in place; return None.
     """
 
 
 @hookspec
-def srde_before_phase(phase, run):
+def srde_before_phase(phase: Phase, run: RunContext) -> None:
     """Called before a phase's trainer runs. Return None."""
 
 
 @hookspec
-def srde_after_step(phase, run, step, metrics):
-    """Called after each optimiser step with the metrics dict of that step.
+def srde_after_step(phase: Phase, run: RunContext, step: int, metrics: dict[str, Any]) -> None:
+    """Called after each optimiser step with the metrics dict of that step (1-based ``step``).
 
     Plugins may add entries to ``metrics`` (they are logged) or act on them (adaptive schedules,
-    external loggers). Return None.
+    external loggers). Called on every process. Return None.
     """
 
 
 @hookspec
-def srde_after_phase(phase, run, metrics):
+def srde_after_phase(phase: Phase, run: RunContext, metrics: dict[str, Any]) -> None:
     """Called after a phase's trainer finished, with its final metrics. Return None."""
 
 
 @hookspec
-def srde_checkpoint_saving(state, run):
+def srde_checkpoint_saving(state: dict[str, Any], run: RunContext) -> None:
     """Called before a checkpoint is written; add this plugin's state under ``state["plugins"]``.
 
     Everything in ``state`` must be picklable by ``torch.save``. Return None.
@@ -120,5 +143,5 @@ def srde_checkpoint_saving(state, run):
 
 
 @hookspec
-def srde_checkpoint_loaded(state, run):
+def srde_checkpoint_loaded(state: dict[str, Any], run: RunContext) -> None:
     """Called after a checkpoint was read for ``--resume``; restore this plugin's state. Return None."""

@@ -8,6 +8,7 @@ recorded as broken with its error; the others still load.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +16,11 @@ import pluggy
 
 from srde_core import hookspecs
 from srde_core.errors import PluginError
-from srde_core.registry import Registries, SettingsTable
+from srde_core.registry import KindRegistrar, Registries, SettingsTable
 
 ENTRY_POINT_GROUP = "srde"
+#: The name under which the core's own hook implementations are registered.
+CORE_PLUGIN = "srde-core"
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,11 @@ def _error_text(err: BaseException) -> str:
 class _StagedRegistrar:
     """Collects one plugin's registrations so a plugin that fails halfway registers nothing."""
 
-    def __init__(self, provider: str):
+    def __init__(self, provider: str, registries: Registries):
         self.provider = provider
         self._staging = Registries()
+        for registry in registries.kinds.values():
+            self._staging.declare(registry.spec)
         self._target = self._staging.for_provider(provider)
 
     def __getattr__(self, name: str) -> Any:
@@ -91,62 +96,90 @@ class _StagedRegistrar:
             registries.add_settings(table)
 
 
-def load_plugins(*, entry_points: list[metadata.EntryPoint] | None = None) -> PluginSet:
-    """Discover, import and register every plugin of the ``srde`` entry-point group."""
-    from srde_core import defaults
-
-    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
-    manager.add_hookspecs(hookspecs)
-    manager.register(defaults, name="srde-core")
-    registries = Registries()
-    plugin_set = PluginSet(manager, registries)
-    infos: dict[str, PluginInfo] = {}
-
-    eps = entry_points if entry_points is not None else metadata.entry_points(group=ENTRY_POINT_GROUP)
-    for ep in sorted(eps, key=lambda e: e.name):
-        dist = getattr(ep, "dist", None)
-        dist_name = dist.metadata["Name"] if dist is not None else "?"
-        version = dist.version if dist is not None else "?"
-        if ep.name in infos or manager.has_plugin(ep.name):
-            infos[f"{ep.name}@{dist_name}"] = PluginInfo(
-                ep.name, dist_name, version, "", f"entry point name '{ep.name}' is used twice"
-            )
-            continue
-        try:
-            plugin = ep.load()
-            manager.register(plugin, name=ep.name)
-        except Exception as err:  # a broken third-party plugin must not take the others down
-            infos[ep.name] = PluginInfo(ep.name, dist_name, version, "", _error_text(err))
-            continue
-        try:
-            manager.check_pending()
-        except pluggy.PluginValidationError as err:
-            manager.unregister(name=ep.name)
-            infos[ep.name] = PluginInfo(ep.name, dist_name, version, "", _error_text(err))
-            continue
-        infos[ep.name] = PluginInfo(ep.name, dist_name, version, _first_doc_line(plugin))
-
-    for impl in manager.hook.srde_register.get_hookimpls():
+def _call_each(manager: pluggy.PluginManager, hook: str, call, infos: dict[str, PluginInfo]) -> None:
+    """Call ``call(impl)`` for every implementation of ``hook``; a plugin that raises is broken."""
+    for impl in getattr(manager.hook, hook).get_hookimpls():
         name = impl.plugin_name
-        registrar = _StagedRegistrar(name)
         try:
-            impl.function(registry=registrar)
-            registrar.commit(registries)
-        except Exception as err:
+            call(impl)
+        except BaseException as err:  # SystemExit too: a plugin must not end the command
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            if name == CORE_PLUGIN:
+                raise
             manager.unregister(name=name)
             old = infos.get(name)
             infos[name] = PluginInfo(
                 name, old.distribution if old else "?", old.version if old else "?",
                 old.summary if old else "", _error_text(err),
             )
+
+
+def load_plugins(
+    *, entry_points: list[metadata.EntryPoint] | None = None, extra: Sequence[tuple[str, Any]] = ()
+) -> PluginSet:
+    """Discover, import and register every plugin of the ``srde`` entry-point group.
+
+    ``extra``: ``(name, plugin)`` pairs registered after the entry points (tests, embedding
+    applications); they go through the same checks.
+    """
+    from srde_core import defaults
+
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    manager.add_hookspecs(hookspecs)
+    manager.register(defaults, name=CORE_PLUGIN)
+    registries = Registries()
+    plugin_set = PluginSet(manager, registries)
+    infos: dict[str, PluginInfo] = {}
+
+    eps = entry_points if entry_points is not None else metadata.entry_points(group=ENTRY_POINT_GROUP)
+    candidates: list[tuple[str, str, str, Any]] = []
+    for ep in sorted(eps, key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        candidates.append((ep.name, dist.metadata["Name"] if dist is not None else "?", dist.version if dist is not None else "?", ep))
+    candidates += [(name, "(in process)", "", plugin) for name, plugin in extra]
+    for name, dist_name, version, source in candidates:
+        if name in infos or manager.has_plugin(name):
+            infos[f"{name}@{dist_name}"] = PluginInfo(
+                name, dist_name, version, "", f"entry point name '{name}' is used twice"
+            )
+            continue
+        try:
+            plugin = source.load() if isinstance(source, metadata.EntryPoint) else source
+            manager.register(plugin, name=name)
+        except BaseException as err:  # a broken plugin (even one calling sys.exit) must not take the others down
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            infos[name] = PluginInfo(name, dist_name, version, "", _error_text(err))
+            continue
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as err:
+            manager.unregister(name=name)
+            infos[name] = PluginInfo(name, dist_name, version, "", _error_text(err))
+            continue
+        infos[name] = PluginInfo(name, dist_name, version, _first_doc_line(plugin))
+
+    def add_kinds(impl) -> None:
+        impl.function(kinds=KindRegistrar(registries, impl.plugin_name))
+
+    def register(impl) -> None:
+        registrar = _StagedRegistrar(impl.plugin_name, registries)
+        impl.function(registry=registrar)
+        registrar.commit(registries)
+
+    _call_each(manager, "srde_add_kinds", add_kinds, infos)
+    _call_each(manager, "srde_register", register, infos)
     registries.freeze()
     plugin_set.plugins = sorted(infos.values(), key=lambda p: p.name)
     return plugin_set
 
 
 def provided_by(plugin_set: PluginSet, plugin_name: str) -> list[tuple[str, str]]:
-    """(kind, name) pairs of the components and settings tables a plugin registered."""
-    items = [(c.kind, c.name) for c in plugin_set.registries.components() if c.provider == plugin_name]
+    """(kind, name) pairs of the kinds (``("kind", name)``), components and settings tables a
+    plugin declared or registered."""
+    items = [("kind", r.kind) for r in plugin_set.registries.kinds.values() if r.spec.provider == plugin_name]
+    items += [(c.kind, c.name) for c in plugin_set.registries.components() if c.provider == plugin_name]
     items += [
         ("settings", f"plugins.{t.name}")
         for t in plugin_set.registries.settings.values()

@@ -1,23 +1,66 @@
-"""One registry per component kind, filled by plugins through the ``srde_register`` hook.
+"""Component kinds and their registries, filled by plugins through two hooks.
 
-A component is picked by name from a recipe. Each entry has a factory, a typed argument schema
-(a :class:`~srde_core.params.Params` subclass validated before any work starts) and a one-line
-summary that ``srde list-plugins`` shows. Two providers of one name in one kind is an error that
-names both. After start-up the registries are frozen.
+A *kind* (``selector``, ``delta``, ``engine``, ``reward``, ...) is declared once, with the contract
+its components satisfy, from ``srde_add_kinds``; the core declares its own kinds the same way
+(:mod:`srde_core.kinds`). A *component* is registered under a kind and a name from
+``srde_register``: a factory (a callable, or a lazy ``"module:attr"`` string so registration
+modules stay free of torch), a typed argument schema (:class:`~srde_core.params.Params`) and a
+one-line summary. Two providers of one name, or of one kind, is an error that names both. After
+start-up everything is frozen.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from srde_core.errors import PluginError, RecipeError, available, did_you_mean
-from srde_core.params import NoParams, Params
+from srde_core.params import NoParams, Params, describe_params
 
-#: The component kinds. A kind is a core concept (the run loop knows where each is used);
-#: the components of a kind are open to any plugin.
-KINDS: tuple[str, ...] = ("selector", "delta", "layout", "loss", "scheduler", "trainer")
+#: ``contract`` value of kinds whose components are plain callables (losses, LR schedules).
+CALLABLE = "callable"
+
+
+def resolve_object(target: Any) -> Any:
+    """``"package.module:attr"`` imported on first use; anything else returned as is."""
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise PluginError(f"lazy reference {target!r} must look like 'package.module:attr'")
+    value: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A component kind: its name, what its components must be, and who declared it.
+
+    ``contract`` is a class (or lazy ``"module:attr"`` reference to one) that every built
+    component must be an instance of, :data:`CALLABLE` for plain callables, or None.
+    """
+
+    name: str
+    summary: str
+    contract: Any
+    provider: str
+
+    def check(self, component: Component, built: Any) -> Any:
+        contract = self.contract if self.contract == CALLABLE else resolve_object(self.contract)
+        if contract is None:
+            return built
+        ok = callable(built) if contract == CALLABLE else isinstance(built, contract)
+        if not ok:
+            expected = "a callable" if contract == CALLABLE else f"a {contract.__module__}.{contract.__qualname__}"
+            raise PluginError(
+                f"{self.name} '{component.name}' (plugin '{component.provider}') built "
+                f"{type(built).__name__}, not {expected}"
+            )
+        return built
 
 
 @dataclass(frozen=True)
@@ -26,13 +69,47 @@ class Component:
 
     kind: str
     name: str
-    factory: Callable[..., Any]
+    factory: Any  # a callable or a lazy "module:attr" reference
     params: type[Params]
     summary: str
     provider: str
+    contract: Kind | None = field(default=None, compare=False, repr=False)
 
     def build(self, params: Params, **context: Any) -> Any:
-        return self.factory(params, **context)
+        try:
+            factory = resolve_object(self.factory)
+        except (ImportError, AttributeError) as err:
+            raise PluginError(
+                f"{self.kind} '{self.name}' (plugin '{self.provider}'): cannot import {self.factory!r} ({err})"
+            ) from None
+        built = factory(params, **context)
+        return self.contract.check(self, built) if self.contract is not None else built
+
+
+@dataclass(frozen=True)
+class ComponentChoice:
+    """A component picked by a recipe: kind, name, validated params (and a weight for losses).
+
+    ``choice.build(**context)`` builds it; a component whose params hold further choices (a delta's
+    selector, a trainer's verifier) builds those itself from its params.
+    """
+
+    kind: str
+    name: str
+    params: Params
+    weight: Any = None  # losses: a float or a ComponentChoice of kind 'schedule'
+    component: Component | None = field(default=None, compare=False, repr=False)
+
+    def build(self, **context: Any) -> Any:
+        if self.component is None:
+            raise PluginError(f"{self.kind} '{self.name}' was not resolved against the registries")
+        return self.component.build(self.params, **context)
+
+    def describe(self) -> dict[str, Any]:
+        data = {"name": self.name, **describe_params(self.params)}
+        if self.weight is not None:
+            data["weight"] = self.weight.describe() if isinstance(self.weight, ComponentChoice) else self.weight
+        return data
 
 
 @dataclass(frozen=True)
@@ -57,16 +134,17 @@ def _insert_unique(entries: dict, name: str, entry: Any, *, frozen: bool, label:
     entries[name] = entry
 
 
-def _summary(summary: str | None, factory: Callable[..., Any]) -> str:
-    text = summary or (factory.__doc__ or "").strip()
+def _summary(summary: str | None, factory: Any) -> str:
+    text = summary or ("" if isinstance(factory, str) else (factory.__doc__ or "").strip())
     return text.splitlines()[0].strip() if text else ""
 
 
 class Registry:
     """The components of one kind."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: Kind):
+        self.kind = kind.name
+        self.spec = kind
         self._entries: dict[str, Component] = {}
         self._frozen = False
 
@@ -98,20 +176,34 @@ class Registry:
 
 
 class Registries:
-    """All registries plus the plugin settings tables. Passed to ``srde_register`` hooks."""
+    """Every kind's registry plus the plugin settings tables."""
 
     def __init__(self) -> None:
-        self.kinds: dict[str, Registry] = {kind: Registry(kind) for kind in KINDS}
+        self.kinds: dict[str, Registry] = {}
         self.settings: dict[str, SettingsTable] = {}
         self._frozen = False
+
+    def declare(self, kind: Kind) -> None:
+        if self._frozen:
+            raise PluginError("component kinds are frozen; declare them from srde_add_kinds")
+        existing = self.kinds.get(kind.name)
+        if existing is not None:
+            raise PluginError(
+                f"component kind '{kind.name}' is declared twice: by '{existing.spec.provider}' "
+                f"and by '{kind.provider}'"
+            )
+        self.kinds[kind.name] = Registry(kind)
 
     def __getitem__(self, kind: str) -> Registry:
         try:
             return self.kinds[kind]
         except KeyError:
             raise PluginError(
-                f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; {available(KINDS)}"
+                f"unknown component kind '{kind}'{did_you_mean(kind, self.kinds)}; {available(self.kinds)}"
             ) from None
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self.kinds
 
     def for_provider(self, provider: str) -> ProviderRegistrar:
         return ProviderRegistrar(self, provider)
@@ -129,12 +221,31 @@ class Registries:
             registry.freeze()
 
 
+class KindRegistrar:
+    """What a plugin's ``srde_add_kinds(kinds)`` receives.
+
+    ``kinds.add("reward", "Scores a rollout.", contract="my_pkg.rewards:Reward")``: the contract
+    is a class that every built component of the kind must be an instance of (a lazy reference keeps
+    the declaring module free of torch), :data:`CALLABLE`, or None.
+    """
+
+    def __init__(self, registries: Registries, provider: str):
+        self._registries = registries
+        self.provider = provider
+
+    def add(self, name: str, summary: str, *, contract: Any = None) -> None:
+        if not name.isidentifier():
+            raise PluginError(f"plugin '{self.provider}': kind name {name!r} must be an identifier")
+        self._registries.declare(Kind(name, summary, contract, self.provider))
+
+
 class ProviderRegistrar:
     """What a plugin's ``srde_register(registry)`` receives: registers under the plugin's name.
 
-    ``registry.add("scheduler", "cosine", make_cosine, CosineParams, "Cosine decay.")`` or, as a
-    decorator, ``@registry.component("scheduler", "cosine", CosineParams)`` on the factory (the
-    first docstring line becomes the summary).
+    ``registry.add("scheduler", "cosine", make_cosine, CosineParams, "Cosine decay.")``, with the
+    factory a callable or a lazy ``"package.module:attr"``; or, as a decorator,
+    ``@registry.component("scheduler", "cosine", CosineParams)`` (the first docstring line becomes
+    the summary).
     """
 
     def __init__(self, registries: Registries, provider: str):
@@ -145,7 +256,7 @@ class ProviderRegistrar:
         self,
         kind: str,
         name: str,
-        factory: Callable[..., Any],
+        factory: Callable[..., Any] | str,
         params: type[Params] = NoParams,
         summary: str | None = None,
     ) -> None:
@@ -153,10 +264,14 @@ class ProviderRegistrar:
             raise PluginError(
                 f"plugin '{self.provider}': {kind} '{name}' params must subclass srde_core.params.Params"
             )
-        if not callable(factory):
+        if isinstance(factory, str):
+            if ":" not in factory:
+                raise PluginError(f"plugin '{self.provider}': {kind} '{name}' factory {factory!r} is not 'module:attr'")
+        elif not callable(factory):
             raise PluginError(f"plugin '{self.provider}': {kind} '{name}' factory is not callable")
-        component = Component(kind, name, factory, params, _summary(summary, factory), self.provider)
-        self._registries[kind].add(component)
+        registry = self._registries[kind]
+        component = Component(kind, name, factory, params, _summary(summary, factory), self.provider, registry.spec)
+        registry.add(component)
 
     def component(
         self, kind: str, name: str, params: type[Params] = NoParams, summary: str | None = None

@@ -1,10 +1,11 @@
 """Running a recipe: the run directory, the run context handed to trainers and hooks, the phases.
 
-    srde run recipe.toml
+    srde run recipe.toml                      (one process, or each process under torchrun)
       -> recipe resolved and validated (before any work)
-      -> run directory: resolved recipe, metrics.jsonl, checkpoints/, adapter at the end
-      -> tokenizer, data (cached), base model (hooks may change load kwargs and configure it)
-      -> each phase: registry["trainer"][phase.trainer].run(run, phase)
+      -> engine built and set up (processes joined, device chosen)
+      -> tokenizer, data (cached), base model (hooks may change load kwargs and wrap construction)
+      -> run directory (main process): resolved recipe, metrics.jsonl, checkpoints/, adapter at the end
+      -> each phase: phase.trainer.build().run(run, phase)
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import json
 import os
 import random
 import shutil
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srde_core.dist import SINGLE, Dist
 from srde_core.errors import SRDEError
 from srde_core.plugins import PluginSet
-from srde_core.recipe.resolve import ComponentChoice, Recipe
+from srde_core.recipe.resolve import Recipe
 
 RECIPE_FILE = "recipe.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -60,7 +63,10 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / RECIPE_FILE, {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "recipe": recipe.resolved})
+    write_json_atomic(
+        run_dir / RECIPE_FILE,
+        {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "base_dir": str(recipe.base_dir), "recipe": recipe.resolved},
+    )
     return run_dir
 
 
@@ -79,14 +85,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(choice: str):
+def pick_device(choice: str, dist: Dist = SINGLE):
+    """The device of this process: ``cuda:<local rank>`` on GPUs, else ``cpu``."""
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SRDEError("device 'cuda' requested but CUDA is not available", key="device")
+        raise SRDEError("device 'cuda' requested but CUDA is not available on this machine", key="device")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
     return torch.device(choice)
+
+
+@dataclass
+class BaseInfo:
+    """The base weights a run's experts train on: an id (checked when an adapter loads) and, for a
+    base trained by the run itself, the file holding its weights."""
+
+    id: str
+    weights: str | None = None
 
 
 @dataclass
@@ -98,28 +117,28 @@ class RunContext:
     run_dir: Path
     device: Any
     console: Any
+    dist: Dist = SINGLE
     resume: bool = False
+    engine: Any = None  # the run's srde_core.train.engine.Engine
     tokenizer: Any = None
-    data: Any = None
+    data: Any = None  # srde_core.data.dataset.DataBundle
     model: Any = None
-    experts: Any = None  # the attached SRDE handle, once a phase asked for experts
-    metrics: Any = None
-    checkpoints: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    experts: Any = None  # the attached srde_core.model.attach.SRDEModel, once a phase asked for experts
+    metrics: Any = None  # srde_core.train.metrics.MetricsLog (main process only)
+    checkpoints: Any = None  # srde_core.train.checkpoints.CheckpointStore
+    base: BaseInfo = field(default_factory=lambda: BaseInfo(""))
 
     @property
     def hook(self):
         return self.plugins.hook
 
-    def build(self, choice: ComponentChoice, **context: Any) -> Any:
-        """Build a component the recipe picked."""
-        return self.plugins.registries[choice.kind].get(choice.name).build(choice.params, **context)
-
     def settings(self, name: str):
         return self.recipe.settings(name)
 
     def log(self, message: str, *, markup: bool = False) -> None:
-        self.console.print(message, highlight=False, markup=markup)
+        """Print on the main process (other processes stay quiet)."""
+        if self.dist.is_main:
+            self.console.print(message, highlight=False, markup=markup)
 
     def attach_experts(self):
         """Freeze the base and attach the recipe's SRDE layers (once); return the handle."""
@@ -131,45 +150,53 @@ class RunContext:
 
 
 def execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool = False, fresh: bool = False) -> RunContext:
-    """Run every phase of ``recipe``; return the finished context."""
+    """Run every phase of ``recipe`` in this process (one of several under torchrun); return the
+    finished context."""
     from srde_core.data.loading import load_run_data
     from srde_core.model.build import build_base_model
     from srde_core.train.checkpoints import CheckpointStore
     from srde_core.train.metrics import MetricsLog
 
+    dist = Dist.from_env()
     run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
     seed_everything(recipe.seed)
-    run = RunContext(recipe, plugins, run_dir, pick_device(recipe.device), console, resume=resume)
+    run = RunContext(recipe, plugins, run_dir, pick_device(recipe.device, dist), console, dist=dist, resume=resume)
+    run.engine = recipe.engine.build()
+    run.device = run.engine.setup(run)
     print_header(run)
     run.tokenizer, run.data = load_run_data(run)
     run.hook.srde_prepare_data(data=run.data, run=run)
     run.model = build_base_model(run)
-    prepare_run_directory(recipe, resume=resume, fresh=fresh)
-    run.metrics = MetricsLog(run_dir / "metrics.jsonl")
+    run.base = BaseInfo(default_base_id(recipe))
+    if dist.is_main:
+        prepare_run_directory(recipe, resume=resume, fresh=fresh)
+        run.metrics = MetricsLog(run_dir / "metrics.jsonl")
+    dist.barrier()
     run.checkpoints = CheckpointStore(run_dir / "checkpoints")
     for phase in recipe.phases:
-        trainer = run.build(phase.trainer)
+        trainer = phase.trainer.build()
         run.hook.srde_before_phase(phase=phase, run=run)
         result = trainer.run(run, phase) or {}
         run.hook.srde_after_phase(phase=phase, run=run, metrics=result)
-    write_json_atomic(run_dir / BASE_FILE, {"id": base_model_id(run), "weights": run.extras.get("base_weights")})
+    if dist.is_main:
+        write_json_atomic(run_dir / BASE_FILE, {"id": run.base.id, "weights": run.base.weights})
     if run.experts is not None:
         from srde_core.model.adapters import save_adapter
 
-        save_adapter(
-            run_dir / ADAPTER_FILE, run.experts,
-            base_model_id=base_model_id(run), recipe_hash=recipe.fingerprint(),
-        )
+        with run.engine.full_state(run.experts.adapter) as state:
+            if dist.is_main:
+                save_adapter(run_dir / ADAPTER_FILE, run.experts, base_model_id=run.base.id,
+                             recipe_hash=recipe.fingerprint(), state=state)
         run.log(f"adapter: {run_dir / ADAPTER_FILE}")
+    dist.barrier()
     return run
 
 
-def base_model_id(run: RunContext) -> str:
-    """Identifies the base weights the experts were trained on (adapters check it on load)."""
-    model = run.recipe.model
-    if model.name_or_path:
-        return model.name_or_path
-    return run.extras.get("base_id", f"{model.architecture}:from-config")
+def default_base_id(recipe: Recipe) -> str:
+    """Identifies the base weights the experts train on (adapters check it on load); a phase that
+    trains the base replaces it."""
+    model = recipe.model
+    return model.name_or_path or f"{model.architecture}:from-config"
 
 
 def print_header(run: RunContext) -> None:
@@ -179,8 +206,10 @@ def print_header(run: RunContext) -> None:
         f"[bold]srde run[/] {recipe.path}  ->  {run.run_dir}",
         f"model: {recipe.model.name_or_path or recipe.model.architecture + ' (from config)'}  "
         f"dtype {recipe.model.dtype}  device {run.device}",
-        f"phases: " + ", ".join(f"{p.name} [{p.trainer.name}, {p.steps} steps]" for p in recipe.phases),
-        f"experts: {recipe.srde.delta.name} deltas via {recipe.srde.layout.name} layout on {', '.join(recipe.srde.projections)}",
+        f"engine: {recipe.engine.name}  processes {run.dist.world_size}",
+        "phases: " + ", ".join(f"{p.name} [{p.trainer.name}, {p.steps} steps]" for p in recipe.phases),
+        f"experts: {recipe.srde.delta.name} deltas via {recipe.srde.layout.name} layout on {', '.join(recipe.srde.projections)}; "
+        f"router {recipe.srde.router.name}, combine {recipe.srde.combine.name}",
         f"plugins: {', '.join(healthy)}",
     ]
     for extra in run.hook.srde_run_header(recipe=recipe):
@@ -210,7 +239,7 @@ def open_finished_run(run_dir: str | Path, console, *, device: str | None = None
         raise SRDEError("the run has not finished (no base.json); finish it with srde run --resume", source=str(run_dir))
     stored = json.loads(saved.read_text())
     plugins = load_plugins()
-    recipe = recipe_from_resolved(stored["recipe"], stored["path"], plugins)
+    recipe = recipe_from_resolved(stored["recipe"], stored["path"], plugins, stored.get("base_dir"))
     run = RunContext(recipe, plugins, run_dir, pick_device(device or recipe.device), console)
     seed_everything(recipe.seed)
     run.tokenizer, run.data = load_run_data(run)
@@ -221,7 +250,7 @@ def open_finished_run(run_dir: str | Path, console, *, device: str | None = None
         if not weights.is_file():
             raise SRDEError(f"base weights {weights} are gone (cache cleared?); re-run the recipe", source=str(run_dir))
         run.model.load_state_dict(load_file(weights, device=str(run.device)))
-    run.extras["base_id"] = base["id"]
+    run.base = BaseInfo(base["id"], base.get("weights"))
     adapter = run_dir / ADAPTER_FILE
     if adapter.is_file():
         experts = run.attach_experts()

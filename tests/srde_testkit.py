@@ -1,6 +1,6 @@
 """Test-only SRDE parts: tiny HF models of every supported architecture, a dense delta bank,
 a random selector and explicit layouts. Core tests use these so that they do not depend on the
-feature plugins."""
+feature plugins (the router is the built-in ``topk``, which every recipe uses by default)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,18 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from srde_core.model.components import DeltaBank, DeltaType, LayerPlan, Layout, Selector
-from srde_core.model.routing import Routing
+from srde_core.model.components import BankCall, DeltaBank, DeltaType, LayerPlan, Layout, Selector
+from srde_plugins.routing import TopKParams
+from srde_plugins.routing.topk import TopKRouter, TopKRouterType
+
+
+def topk_router_type(gate: str = "auto") -> TopKRouterType:
+    """The built-in ``topk`` router component, as a recipe's ``router = { name = "topk" }`` builds it."""
+    return TopKRouterType(TopKParams(gate=gate))
+
+
+def make_router(hidden: int, experts: int, top_k: int, seed: int = 0, gate: str = "auto") -> TopKRouter:
+    return TopKRouter(hidden, experts, top_k, torch.Generator().manual_seed(seed), gate=gate)
 
 VOCAB = 96
 # Token ids the tests feed: below the Mistral3 image token (VOCAB - 1), which expects pixels.
@@ -110,11 +120,11 @@ class MaskedDenseBank(DeltaBank):
     def delta_weight(self, expert: int) -> torch.Tensor:
         return self.delta[expert] * self._mask()[expert]
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, call: BankCall) -> torch.Tensor:
         dense = self.delta * self._mask()
         x = x.to(dense.dtype)
         out = x.new_zeros(x.shape[0], self.out_features)
-        groups = routing.groups()
+        groups = call.routing.groups()
         for e in range(self.num_experts):
             tokens, weights = groups.expert(e)
             if tokens.numel():
@@ -132,17 +142,16 @@ class RandomSelector(Selector):
 
 
 class MaskedDenseDelta(DeltaType):
-    """Builds :class:`MaskedDenseBank`; positions come from the selector when one is given."""
+    """Builds :class:`MaskedDenseBank` s; positions come from ``selector`` (random by default)."""
 
-    def __init__(self, density: float = 0.5, needs_selector: bool = False):
+    def __init__(self, density: float = 0.5, selector: Selector | None = None):
         self.density = density
-        self.uses_selector = needs_selector
+        self.selector = selector if selector is not None else RandomSelector()
 
-    def make_bank(self, weight, num_experts, selector, generator):
+    def make_bank(self, weight, num_experts, generator):
         out_features, in_features = weight.shape
         count = max(1, int(self.density * weight.numel()))
-        chooser = selector if selector is not None else RandomSelector()
-        positions = chooser.select(weight, num_experts, count, generator)
+        positions = self.selector.select(weight, num_experts, count, generator)
         return MaskedDenseBank(out_features, in_features, positions)
 
 

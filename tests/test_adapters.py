@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from srde_testkit import EveryLayerLayout, MaskedDenseDelta, input_ids, logits, perturb, tiny_model
+from srde_testkit import EveryLayerLayout, MaskedDenseDelta, input_ids, logits, perturb, tiny_model, topk_router_type
 
 from srde_core.errors import SRDEError
 from srde_core.model import adapters
@@ -27,7 +27,7 @@ def make(layout=None, seed=0, density=0.5, architecture="Ministral3ForCausalLM")
         tiny_model(architecture),
         layout=layout or EveryLayerLayout(shared={"shared": [0, 2]}),
         delta_type=MaskedDenseDelta(density),
-        selector=None,
+        router_type=topk_router_type(),
         seed=seed,
         components={"delta": ComponentSpec.of("masked-dense", {"density": density})},
     )

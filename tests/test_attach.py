@@ -17,6 +17,7 @@ from srde_testkit import (
     perturb,
     tiny_config,
     tiny_model,
+    topk_router_type,
 )
 from torch import nn
 
@@ -30,7 +31,7 @@ from srde_core.params import Params
 
 def attach(model, layout=None, seed=0, **kwargs):
     kwargs.setdefault("delta_type", MaskedDenseDelta())
-    kwargs.setdefault("selector", None)
+    kwargs.setdefault("router_type", topk_router_type())
     return attach_srde(model, layout=layout or EveryLayerLayout(), seed=seed, **kwargs)
 
 
@@ -102,15 +103,16 @@ def test_forward_backward_reaches_only_srde_parameters(architecture):
     srde = attach(model)
     perturb(srde, scale=0.05)
     ids = input_ids()
-    out = model(input_ids=ids, labels=ids)
+    with srde.forward_context() as context:
+        out = model(input_ids=ids, labels=ids)
     out.loss.backward()
 
     for name, p in srde.trainable_parameters().items():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
-    for router in srde.routers().values():
-        assert router.last is not None and router.last.experts.shape == (ids.numel(), 2)
+    assert sorted(context.routings) == sorted(srde.layers)
+    assert all(r.experts.shape == (ids.numel(), 2) for r in context.routings.values())
 
 
 def test_layout_selects_layers_and_leaves_others_untouched():
@@ -204,17 +206,14 @@ def test_projection_subset_gets_banks_only_there():
     assert all(set(mlp.banks) == {"up_proj", "down_proj"} for mlp in srde.layers.values())
 
 
-def test_delta_type_needing_a_selector_gets_it():
+def test_delta_type_places_entries_with_its_selector():
     model = tiny_model("LlamaForCausalLM")
-    with pytest.raises(SRDEError, match="needs a selector") as info:
-        attach(model, delta_type=MaskedDenseDelta(needs_selector=True))
-    assert info.value.key == "selector"
 
     class FirstPositions(RandomSelector):
         def select(self, weight, num_experts, count, generator):
             return torch.arange(count).repeat(num_experts, 1)
 
-    srde = attach(model, delta_type=MaskedDenseDelta(needs_selector=True), selector=FirstPositions())
+    srde = attach(model, delta_type=MaskedDenseDelta(selector=FirstPositions()))
     bank = srde.layers[0].banks["gate_proj"]
     assert torch.equal(bank.positions[1], torch.arange(bank.positions.shape[1]))
 
@@ -257,7 +256,7 @@ def test_describe_is_json_and_names_the_structure():
         components={
             "delta": ComponentSpec.of("masked-dense", DeltaArgs(density=0.25)),
             "layout": ComponentSpec.of("every-layer", {"num_experts": 4}),
-            "selector": ComponentSpec.of("random"),
+            "router": ComponentSpec.of("topk"),
         },
     )
     described = srde.describe()
@@ -275,7 +274,7 @@ def test_describe_is_json_and_names_the_structure():
     assert described["components"] == {
         "delta": {"name": "masked-dense", "params": {"density": 0.25}},
         "layout": {"name": "every-layer", "params": {"num_experts": 4}},
-        "selector": {"name": "random", "params": {}},
+        "router": {"name": "topk", "params": {}},
     }
 
 

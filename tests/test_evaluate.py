@@ -82,7 +82,8 @@ def test_domain_losses_equal_a_dense_cross_entropy_reference(run, loss_on):
 
 def test_eval_loss_is_the_training_lm_loss(run):
     from srde_core.train.losses import LossInputs
-    from srde_plugins.losses import LMParams, causal_lm
+    from srde_plugins.losses import LMParams
+    from srde_plugins.losses.lm import causal_lm
 
     rows = eval_subset(run.data.eval, run.data.domains, 2)
     (batch,) = batches_of(run, rows, batch_size=len(rows))
@@ -192,9 +193,9 @@ def test_left_padding_does_not_change_greedy_outputs(micro_run):
 def test_routing_counts_every_real_token_top_k_times(run):
     rows = eval_subset(run.data.eval, run.data.domains, 2)
     batches = batches_of(run, rows, batch_size=5)  # rows of different lengths: padding in every batch
-    counter = RoutingCounter(run.experts.routers(), len(run.data.domains))
+    counter = RoutingCounter(run.experts.layers, len(run.data.domains))
     with evaluation_state(run.model, run.experts, enabled=True):
-        domain_losses(run.model, batches, run.data.domains, after_forward=counter.observe)
+        domain_losses(run.model, batches, run.data.domains, experts=run.experts, after_forward=counter.observe)
     tokens = torch.zeros(len(run.data.domains), dtype=torch.long)
     for b in batches:
         tokens.index_add_(0, b["domain_ids"], b["attention_mask"].sum(dim=1))

@@ -8,46 +8,49 @@ gradients of everything that trains (bank parameters, router gate) and of its in
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
 from torch import nn
 
+from srde_testkit import make_router
+
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
 from srde_core.model.reference import dense_reference
-from srde_core.model.routing import Router
+from srde_core.params import slot_fields
 from srde_core.plugins import load_plugins
-from srde_plugins.sparse_bank import SparseDelta, SparseDeltaBank
-from srde_plugins.sparse_delta import SparseDeltaParams
-from srde_plugins.sparse_kernels import build_csr_structure, routed_sparse_delta
+from srde_core.recipe import resolve_component
+from srde_plugins.deltas.sparse import SparseDeltaParams
+from srde_plugins.deltas.sparse.bank import SparseDeltaBank
+from srde_plugins.deltas.sparse.kernels import build_csr_structure, routed_sparse_delta
 
-REGISTRIES = load_plugins().registries
+PLUGINS = load_plugins()
+REGISTRIES = PLUGINS.registries
 #: Tests use a higher density than the default so that small weights get many positions.
 TEST_DENSITY = 0.2
+
+
+def _uses_selector(delta: str) -> bool:
+    return "selector" in slot_fields(REGISTRIES["delta"].get(delta).params)
 
 
 def _combos() -> list[tuple[str, str | None]]:
     combos = []
     for delta in REGISTRIES["delta"]:
-        if _delta_type(delta.name).uses_selector:
+        if _uses_selector(delta.name):
             combos += [(delta.name, selector.name) for selector in REGISTRIES["selector"]]
         else:
             combos.append((delta.name, None))
     return combos
 
 
-def _delta_type(name: str):
-    component = REGISTRIES["delta"].get(name)
-    fields = component.params.model_fields
-    params = component.params(**({"density": TEST_DENSITY} if "density" in fields else {}))
-    return component.build(params)
-
-
-def _selector(name: str | None):
-    if name is None:
-        return None
-    component = REGISTRIES["selector"].get(name)
-    return component.build(component.params())
+def _delta_type(name: str, selector: str | None = None, **args):
+    fields = REGISTRIES["delta"].get(name).params.model_fields
+    spec = {"name": name, **({"density": TEST_DENSITY} if "density" in fields else {}), **args}
+    if selector is not None:
+        spec["selector"] = selector
+    return resolve_component(PLUGINS, "delta", spec).build()
 
 
 COMBOS = _combos()
@@ -78,18 +81,19 @@ def build_layer(
     projections=PROJECTIONS,
     bias: bool = False,
     trained: bool = True,
+    gate: str = "auto",
 ) -> SRDEMLP:
     """A frozen random MLP with SRDE banks; ``trained`` fills every trainable tensor randomly."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     base = GatedMLP(hidden, intermediate, bias).requires_grad_(False)
-    delta_type = _delta_type(delta)
-    chosen = _selector(selector)
+    delta_type = _delta_type(delta, selector)
+    router = make_router(hidden, num_experts, top_k, seed, gate=gate)
     banks = {
-        name: delta_type.make_bank(getattr(base, name).weight.detach(), num_experts, chosen, generator)
+        name: delta_type.make_bank(getattr(base, name).weight.detach(), num_experts, generator)
         for name in projections
     }
-    mlp = SRDEMLP(base, Router(hidden, num_experts, top_k, generator), banks)
+    mlp = SRDEMLP(base, router, banks)
     if trained:
         with torch.no_grad():
             for bank in banks.values():
@@ -271,7 +275,7 @@ def test_loading_state_rebuilds_index_structures():
     target.banks.load_state_dict(source.banks.state_dict())
     x = torch.randn(10, 16, generator=torch.Generator().manual_seed(10))
     assert torch.equal(target(x), source(x))
-    assert set(source.banks["gate_proj"].state_dict()) == {"positions", "values", "importance"}
+    assert set(source.banks["gate_proj"].state_dict()) == {"positions", "active", "values", "importance"}
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(9, 7), (7, 9)])
@@ -320,20 +324,20 @@ def test_kernel_gradients_for_a_subset_of_inputs():
     assert grad.shape == values.shape and torch.count_nonzero(grad) > 0
 
 
-@pytest.mark.parametrize("params", [SparseDeltaParams(cache_inputs=False), SparseDeltaParams(init_importance=2.5)])
+@pytest.mark.parametrize("params", [{"cache_inputs": False}, {"init_importance": 2.5}])
 def test_sparse_options_stay_exact(params):
     """Recomputing the gathered inputs in backward, or another initial importance, changes no result."""
+    params = types.SimpleNamespace(**{"init_importance": 0.0, **params})
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     base = GatedMLP(16, 28).requires_grad_(False)
-    selector = _selector("random")
-    delta = SparseDelta(params.model_copy(update={"density": TEST_DENSITY}))
-    banks = {name: delta.make_bank(getattr(base, name).weight, 4, selector, generator) for name in PROJECTIONS}
+    delta = _delta_type("sparse", "random", **vars(params))
+    banks = {name: delta.make_bank(getattr(base, name).weight, 4, generator) for name in PROJECTIONS}
     assert all(bool((b.importance == params.init_importance).all()) for b in banks.values())
     with torch.no_grad():
         for bank in banks.values():
             bank.values.normal_(0.0, 0.5, generator=generator)
-    mlp = SRDEMLP(base, Router(16, 4, 2, generator), banks)
+    mlp = SRDEMLP(base, make_router(16, 4, 2), banks)
     x = torch.randn(17, 16, generator=generator)
     assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
 
@@ -342,15 +346,13 @@ def test_sparse_delta_positions_and_validation():
     from pydantic import ValidationError
 
     weight = torch.randn(10, 30)
-    bank = SparseDelta(SparseDeltaParams(density=0.1)).make_bank(weight, 3, _selector("magnitude"), torch.Generator())
+    bank = _delta_type("sparse", "magnitude", density=0.1).make_bank(weight, 3, torch.Generator())
     assert bank.positions.shape == (3, 30) and bank.positions.dtype == torch.long
     assert torch.count_nonzero(bank.values) == 0
-    with pytest.raises(ValueError, match="needs a selector"):
-        SparseDelta(SparseDeltaParams()).make_bank(weight, 3, None, torch.Generator())
     for bad in ({"density": 0.0}, {"density": 1.5}, {"density": "0.1"}, {"dens": 0.1}):
         with pytest.raises(ValidationError):
             SparseDeltaParams(**bad)
     with pytest.raises(ValueError, match="sorted"):
         bank.set_positions(bank.positions.flip(1))
-    with pytest.raises(ValueError, match="shape"):
-        bank.set_positions(bank.positions[:, :10])
+    with pytest.raises(ValueError, match="rows"):
+        bank.set_positions(bank.positions[:2])

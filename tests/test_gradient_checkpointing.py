@@ -7,10 +7,11 @@ import types
 import torch
 from transformers import Ministral3Config, Ministral3ForCausalLM
 
-from srde_core.model.build import build_experts_components
-from srde_core.model.attach import attach_srde
+from srde_core.dist import SINGLE
+from srde_core.model.build import attach_recipe_experts
 from srde_core.recipe import load_recipe
-from srde_core.train.objective import build_objective, router_statistics
+from srde_core.train.engine import BackboneForward
+from srde_core.train.objective import Objective, router_statistics
 
 
 def experts_model(plugins, recipe, checkpointing: bool):
@@ -20,10 +21,7 @@ def experts_model(plugins, recipe, checkpointing: bool):
         num_key_value_heads=1, head_dim=16, vocab_size=64, tie_word_embeddings=True,
     )
     model = Ministral3ForCausalLM(config)
-    build = lambda choice: plugins.registries[choice.kind].get(choice.name).build(choice.params)  # noqa: E731
-    layout, delta, selector, specs = build_experts_components(recipe, build)
-    experts = attach_srde(model, layout=layout, delta_type=delta, selector=selector,
-                          projections=recipe.srde.projections, seed=0, components=specs)
+    experts = attach_recipe_experts(model, recipe)
     with torch.no_grad():
         for name, p in experts.trainable_parameters().items():
             p.add_(0.05 * torch.randn_like(p))
@@ -35,17 +33,14 @@ def experts_model(plugins, recipe, checkpointing: bool):
 
 def test_checkpointed_training_step_matches_the_plain_one(plugins, micro_recipe):
     recipe = load_recipe(micro_recipe, plugins)
-    run = types.SimpleNamespace(
-        build=lambda choice: plugins.registries[choice.kind].get(choice.name).build(choice.params),
-        data=types.SimpleNamespace(domains=["a", "b"]),
-    )
+    run = types.SimpleNamespace(data=types.SimpleNamespace(domains=["a", "b"]), hook=plugins.hook, dist=SINGLE)
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     results = []
     for checkpointing in (False, True):
         model, experts = experts_model(plugins, recipe, checkpointing)
-        routers = list(experts.routers().values())
-        loss, parts = build_objective(run, recipe.phases[1], model, routers)(batch)
+        session = types.SimpleNamespace(forward=BackboneForward(model))
+        loss, parts = Objective(run, recipe.phases[1], model, experts)(batch, 0, session)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in experts.trainable_parameters().items()}
         results.append((float(loss.detach()), parts, grads))
@@ -60,8 +55,9 @@ def test_checkpointed_training_step_matches_the_plain_one(plugins, micro_recipe)
 def test_router_statistics_are_bounded(plugins, micro_recipe):
     recipe = load_recipe(micro_recipe, plugins)
     model, experts = experts_model(plugins, recipe, False)
-    model(input_ids=torch.randint(0, 64, (2, 8)))
-    stats = router_statistics([r.last for r in experts.routers().values()])
+    with experts.forward_context() as context:
+        model(input_ids=torch.randint(0, 64, (2, 8)))
+    stats = router_statistics(context.ordered_routings())
     num_experts = recipe.srde.layout.params.num_experts
     assert 1 / num_experts <= stats["router_max_load"] <= 1.0
     assert 0.0 <= stats["router_entropy"] <= torch.log(torch.tensor(float(num_experts))).item() + 1e-6

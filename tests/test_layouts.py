@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from srde_core.errors import RecipeError
 from srde_core.model.components import LayerPlan
 from srde_plugins.layouts import UniformLayoutParams
-from srde_plugins.uniform_layout import UniformLayout
+from srde_plugins.layouts.uniform import UniformLayout
 
 
 def plan(num_layers: int, **params) -> list[LayerPlan]:

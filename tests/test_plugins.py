@@ -40,13 +40,15 @@ def write(plugin_dir, name: str, source: str) -> metadata.EntryPoint:
 
 def test_builtin_plugins_are_discovered_through_the_entry_point_group(plugins):
     names = {p.name for p in plugins.plugins}
-    assert {"schedulers", "losses", "trainers", "sparse-delta", "selectors", "layouts"} <= names
+    assert {"schedules", "losses", "trainers", "sparse-delta", "layouts", "routing", "runtime", "data"} <= names
     assert all(p.distribution == "srde" for p in plugins.plugins if p.name in {"losses", "trainers"})
     assert not plugins.broken, plugins.broken
 
 
-def test_builtins_cover_all_six_kinds(plugins):
-    for kind in ("selector", "delta", "layout", "loss", "scheduler", "trainer"):
+def test_builtins_cover_every_core_kind(plugins):
+    from srde_core.defaults import CORE_KINDS
+
+    for kind in CORE_KINDS:
         assert plugins.registries[kind].names(), kind
 
 
@@ -104,7 +106,9 @@ def test_two_plugins_providing_one_name_is_an_error_naming_both(plugin_dir):
 
 
 def test_provided_by_lists_kinds_and_names(plugins):
-    assert ("scheduler", "warmup_cosine") in provided_by(plugins, "schedulers")
+    assert ("scheduler", "warmup_cosine") in provided_by(plugins, "schedules")
+    assert ("schedule", "linear") in provided_by(plugins, "schedules")
+    assert ("kind", "engine") in provided_by(plugins, "srde-core")
 
 
 def test_required_plugin_that_is_broken_stops_with_a_clear_message(plugin_dir):
@@ -132,12 +136,13 @@ def test_every_builtin_plugin_has_a_summary_line_and_a_test(plugins):
     from pathlib import Path
 
     tests = " ".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    modules = {ep.name: ep.value for ep in metadata.entry_points(group="srde")}
     for info in plugins.plugins:
         if info.distribution != "srde":
             continue
         assert info.summary, info.name
-        module = info.name.replace("-", "_")
-        assert f"srde_plugins.{module}" in tests or f"srde_plugins import {module}" in tests, info.name
+        module = modules[info.name]  # e.g. srde_plugins.deltas.sparse
+        assert module in tests, f"plugin '{info.name}' ({module}) has no test that imports it"
 
 
 def test_listing_and_validating_do_not_import_torch(micro_recipe):

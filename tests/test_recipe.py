@@ -25,7 +25,37 @@ def test_micro_recipe_resolves_with_defaults_filled(plugins, micro_recipe):
     assert recipe.phases[1].losses[1].name == "load_balance" and recipe.phases[1].losses[1].weight == 0.01
     assert recipe.phases[0].max_grad_norm == 1.0  # schema default
     assert recipe.srde.layout.params.num_experts == 4
-    assert recipe.resolved["srde"]["delta"] == {"name": "sparse", **recipe.srde.delta.params.model_dump(mode="json")}
+    assert recipe.resolved["srde"]["delta"] == recipe.srde.delta.describe()
+    assert recipe.resolved["srde"]["delta"]["selector"] == {"name": "magnitude", "assignment": "shared"}
+    assert recipe.srde.delta.params.selector.name == "magnitude"  # nested under the delta that uses it
+    assert (recipe.engine.name, recipe.srde.router.name, recipe.srde.combine.name) == ("torch", "topk", "weighted_sum")
+    assert recipe.phases[1].sampler.name == "shuffled"
+
+
+def test_trainer_arguments_are_nested_under_the_trainer(plugins, micro_recipe):
+    recipe = load_recipe(micro_recipe, plugins, ['phases.base.trainer={ name = "base_pretrain", cache = false }'])
+    assert recipe.phases[0].trainer.params.cache is False
+    assert recipe.resolved["phases"][0]["trainer"] == {"name": "base_pretrain", "cache": False}
+
+
+def test_a_recipe_resolves_again_from_its_resolved_form(plugins, micro_recipe):
+    from srde_core.recipe.resolve import recipe_from_resolved
+
+    recipe = load_recipe(micro_recipe, plugins, ['srde.delta.selector={ name = "magnitude", assignment = "interleaved" }'])
+    again = recipe_from_resolved(recipe.resolved, micro_recipe, plugins)
+    assert again.resolved == recipe.resolved and again.fingerprint() == recipe.fingerprint()
+
+
+def test_presets_run_by_name_and_extend_by_name(tmp_path, plugins):
+    from srde_core.recipe.layers import preset_names
+
+    assert {"tiny", "max", "balanced", "fast"} <= set(preset_names())
+    assert load_recipe("srde:tiny", plugins).name == "tiny"
+    child = write(tmp_path / "mine.toml", 'extends = "srde:tiny"\nname = "mine"\n')
+    recipe = load_recipe(child, plugins)
+    assert recipe.name == "mine" and recipe.model.config["hidden_size"] == 256
+    with pytest.raises(RecipeError, match="no preset 'srde:tiyn' \\(did you mean 'tiny'\\?\\)"):
+        load_recipe("srde:tiyn", plugins)
 
 
 def test_extends_chain_merges_tables_and_replaces_arrays(tmp_path, plugins, micro_recipe):
@@ -72,7 +102,7 @@ def test_fingerprint_changes_with_any_setting(plugins, micro_recipe):
 def test_show_prints_resolved_toml_and_json(micro_recipe, capsys):
     assert main(["show", str(micro_recipe), "--set", "seed=3"]) == 0
     out = capsys.readouterr().out
-    assert "seed = 3" in out and "[[phases]]" in out and 'trainer = "joint"' in out
+    assert "seed = 3" in out and "[[phases]]" in out and 'name = "joint"' in out
     assert main(["show", str(micro_recipe), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["phases"][1]["scheduler"]["name"] == "warmup_cosine"

@@ -3,9 +3,18 @@ from __future__ import annotations
 import pytest
 from pydantic import Field
 
+from srde_core.defaults import CORE_KINDS
 from srde_core.errors import PluginError, RecipeError
 from srde_core.params import NoParams, Params
-from srde_core.registry import KINDS, Registries
+from srde_core.registry import CALLABLE, Kind, KindRegistrar
+from srde_core.registry import Registries as _Registries
+
+
+def Registries() -> _Registries:  # noqa: N802  (registries with the core's kinds declared)
+    registries = _Registries()
+    for name, (summary, contract) in CORE_KINDS.items():
+        registries.declare(Kind(name, summary, contract, "srde-core"))
+    return registries
 
 
 class DemoParams(Params):
@@ -17,18 +26,46 @@ def make(params):
     return params.size
 
 
-def test_every_kind_has_a_registry():
+def test_the_core_declares_its_kinds_each_with_a_contract():
     registries = Registries()
-    assert set(registries.kinds) == set(KINDS) == {"selector", "delta", "layout", "loss", "scheduler", "trainer"}
+    assert set(registries.kinds) == {
+        "selector", "delta", "layout", "router", "combine", "loss", "scheduler", "schedule", "trainer", "engine", "sampler"
+    }
+    assert all(r.spec.contract is not None for r in registries.kinds.values())
+
+
+def test_a_kind_declared_twice_names_both_declarers():
+    registries = Registries()
+    KindRegistrar(registries, "mine").add("reward", "Scores a rollout.", contract=CALLABLE)
+    with pytest.raises(PluginError, match="declared twice: by 'mine' and by 'yours'"):
+        KindRegistrar(registries, "yours").add("reward", "Another.")
+
+
+def test_a_component_that_breaks_its_kinds_contract_fails_at_build():
+    registries = Registries()
+    registries.for_provider("demo").add("trainer", "numbers", make, DemoParams)
+    with pytest.raises(PluginError, match=r"trainer 'numbers' \(plugin 'demo'\) built int, not a srde_core.train.trainer.Trainer"):
+        registries["trainer"].get("numbers").build(DemoParams())
+
+
+def test_lazy_factories_import_on_build_and_fail_in_one_line():
+    registries = Registries()
+    registries.for_provider("demo").add("loss", "lazy", "tests_missing_module:factory", NoParams, "Lazy.")
+    component = registries["loss"].get("lazy")
+    assert component.summary == "Lazy."
+    with pytest.raises(PluginError, match="cannot import 'tests_missing_module:factory'"):
+        component.build(NoParams())
+    with pytest.raises(PluginError, match="not 'module:attr'"):
+        registries.for_provider("demo").add("loss", "bad", "no_colon", NoParams)
 
 
 def test_component_builds_with_validated_params_and_takes_summary_from_docstring():
     registries = Registries()
-    registries.for_provider("demo").add("loss", "demo", make, DemoParams)
-    component = registries["loss"].get("demo")
+    registries.for_provider("demo").add("layout", "demo", make, DemoParams)
+    component = registries["layout"].get("demo")
     assert component.summary == "Demo component."
     assert component.provider == "demo"
-    assert component.build(DemoParams(size=3)) == 3
+    assert component.params is DemoParams
 
 
 def test_duplicate_name_in_one_kind_names_both_providers():
@@ -55,6 +92,8 @@ def test_unknown_name_suggests_and_lists_available():
 def test_unknown_kind_is_an_error():
     with pytest.raises(PluginError, match="unknown component kind 'optimiser'"):
         Registries()["optimiser"]
+    with pytest.raises(PluginError, match="unknown component kind 'rewrad'"):
+        Registries().for_provider("a").add("rewrad", "x", make)
 
 
 def test_params_must_be_a_params_subclass():

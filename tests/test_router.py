@@ -1,17 +1,20 @@
-"""The per-token router: top-k, softmax over the chosen k, grouping by expert, `last`."""
+"""The per-token `topk` router: top-k, gate normalisations, grouping by expert, routing records."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from srde_testkit import make_router as kit_router
 from torch import nn
 
+from srde_core.model.context import ForwardContext
 from srde_core.model.layer import SRDEMLP
 from srde_core.model.routing import Router, Routing
+from srde_plugins.routing.topk import TopKRouter
 
 
-def make_router(hidden=16, experts=6, top_k=2, seed=0) -> Router:
-    return Router(hidden, experts, top_k, torch.Generator().manual_seed(seed))
+def make_router(hidden=16, experts=6, top_k=2, seed=0, gate="auto") -> Router:
+    return kit_router(hidden, experts, top_k, seed, gate=gate)
 
 
 def tokens(n=25, hidden=16, seed=1) -> torch.Tensor:
@@ -38,16 +41,30 @@ def test_weights_are_a_softmax_over_the_chosen_k():
     torch.testing.assert_close(routing.probs, torch.softmax(routing.logits, dim=1))
 
 
-def test_top_1_weight_is_one():
-    routing = make_router(top_k=1)(tokens())
+def test_softmax_topk_at_top_1_weight_is_one():
+    routing = make_router(top_k=1, gate="softmax_topk")(tokens())
     assert torch.equal(routing.weights, torch.ones(25, 1))
 
 
-def test_invalid_top_k():
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_softmax_gate_is_the_full_softmax_probability_of_the_chosen(top_k):
+    routing = make_router(top_k=top_k, gate="softmax")(tokens())
+    torch.testing.assert_close(routing.weights, torch.gather(torch.softmax(routing.logits, 1), 1, routing.experts))
+    assert bool((routing.weights.sum(1) < 1).all())
+
+
+@pytest.mark.parametrize(("top_k", "expected"), [(1, "softmax"), (2, "softmax_topk"), (6, "softmax_topk")])
+def test_auto_gate_is_softmax_at_top_1_and_softmax_over_the_chosen_otherwise(top_k, expected):
+    assert make_router(top_k=top_k).normalisation == expected
+
+
+def test_invalid_top_k_and_gate():
     with pytest.raises(ValueError):
-        Router(8, 4, 5)
+        TopKRouter(8, 4, 5)
     with pytest.raises(ValueError):
-        Router(8, 4, 0)
+        TopKRouter(8, 4, 0)
+    with pytest.raises(ValueError, match="gate"):
+        TopKRouter(8, 4, 2, gate="sparsemax")
 
 
 def test_groups_list_every_slot_once_by_expert():
@@ -102,8 +119,8 @@ class _Recorder(nn.Module):
         super().__init__()
         self.log, self.name = log, name
 
-    def forward(self, x, routing):
-        self.log.append((self.name, routing))
+    def forward(self, x, call):
+        self.log.append((self.name, call.routing))
         return torch.zeros(x.shape[0], 1)
 
 
@@ -121,22 +138,27 @@ def test_one_decision_per_token_shared_by_the_three_projections():
     router = make_router()
     calls = []
     original = router.forward
-    router.forward = lambda x: calls.append(1) or original(x)
+    router.forward = lambda x, context=None: calls.append(1) or original(x, context)
     banks = {name: _Recorder(log, name) for name in ("gate_proj", "up_proj", "down_proj")}
-    mlp = SRDEMLP(_MLP(), router, banks)
-    mlp(tokens().view(5, 5, 16))
+    mlp = SRDEMLP(_MLP(), router, banks, layer=3)
+    with mlp.context.using(ForwardContext()) as context:
+        mlp(tokens().view(5, 5, 16))
     assert len(calls) == 1
     assert [name for name, _ in log] == ["gate_proj", "up_proj", "down_proj"]
-    assert log[0][1] is log[1][1] is log[2][1] is router.last
+    assert log[0][1] is log[1][1] is log[2][1] is context.routings[3]
 
 
-def test_last_is_overwritten_not_appended():
-    router = make_router()
-    first = router(tokens(seed=1))
-    assert router.last is first
-    second = router(tokens(seed=2))
-    assert router.last is second and router.last is not first
-    assert isinstance(router.last, Routing)  # one routing, never a list
+def test_a_layer_records_its_routing_by_layer_overwritten_not_appended():
+    mlp = SRDEMLP(_MLP(), make_router(), {"up_proj": _Recorder([], "up_proj")}, layer=2)
+    context = ForwardContext()
+    with mlp.context.using(context):
+        mlp(tokens(seed=1))
+        first = context.routings[2]
+        mlp(tokens(seed=2))
+    assert list(context.routings) == [2]
+    assert isinstance(context.routings[2], Routing) and context.routings[2] is not first
+    mlp(tokens(seed=3))  # outside a context: nothing is recorded anywhere
+    assert context.routings[2] is not first and mlp.context.current is None
 
 
 def test_routing_is_computed_in_float32():

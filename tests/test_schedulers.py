@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from srde_plugins.schedulers import DecayParams, WarmupParams, constant, warmup_cosine, warmup_linear
+from srde_plugins.schedules import DecayParams, WarmupParams
+from srde_plugins.schedules.lr import constant, warmup_cosine, warmup_linear
 
 
 def test_constant_with_warmup_ramps_then_holds():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from srde_plugins.position_selectors import MagnitudeSelector, RandomSelector
-from srde_plugins.selectors import MagnitudeSelectorParams
+from srde_plugins.deltas.sparse import MagnitudeSelectorParams
+from srde_plugins.deltas.sparse.selectors import MagnitudeSelector, RandomSelector
 
 
 def generator(seed: int = 0) -> torch.Generator:

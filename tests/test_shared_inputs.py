@@ -1,11 +1,12 @@
-"""gate_proj and up_proj share the gathered input through Routing.scratch: exact, and released."""
+"""gate_proj and up_proj share the gathered input through the layer's BankCall cache: exact, and
+released after the forward."""
 
 from __future__ import annotations
 
 import torch
+from srde_testkit import make_router
 
-from srde_core.model.routing import Router
-from srde_plugins.sparse_kernels import build_csr_structure, routed_sparse_delta
+from srde_plugins.deltas.sparse.kernels import build_csr_structure, routed_sparse_delta
 
 
 def setup(seed=0, tokens=40, d_in=12, d_out=20, experts=4, count=30):
@@ -13,7 +14,7 @@ def setup(seed=0, tokens=40, d_in=12, d_out=20, experts=4, count=30):
     positions = torch.stack([torch.randperm(d_in * d_out, generator=g)[:count].sort().values for _ in range(experts)])
     structure = build_csr_structure(positions, d_out, d_in)
     x = torch.randn(tokens, d_in, generator=g, requires_grad=True)
-    router = Router(d_in, experts, 2, generator=g)
+    router = make_router(d_in, experts, 2)
     groups = router(x.detach()).groups()
     values = torch.randn(experts, count, generator=g, requires_grad=True)
     return x, values, structure, groups
@@ -40,11 +41,10 @@ def test_a_second_projection_reuses_the_gathered_input_and_stays_exact():
         assert torch.equal(shared_grad, plain_grad)
 
 
-def test_the_layer_clears_the_scratch_after_its_forward(plugins, micro_recipe):
+def test_gate_and_up_share_one_cache_and_down_gets_its_own(plugins, micro_recipe):
     from transformers import Ministral3Config, Ministral3ForCausalLM
 
-    from srde_core.model.attach import attach_srde
-    from srde_core.model.build import build_experts_components
+    from srde_core.model.build import attach_recipe_experts
     from srde_core.recipe import load_recipe
 
     recipe = load_recipe(micro_recipe, plugins)
@@ -52,10 +52,15 @@ def test_the_layer_clears_the_scratch_after_its_forward(plugins, micro_recipe):
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, vocab_size=64,
     ))
-    build = lambda choice: plugins.registries[choice.kind].get(choice.name).build(choice.params)  # noqa: E731
-    layout, delta, selector, specs = build_experts_components(recipe, build)
-    experts = attach_srde(model, layout=layout, delta_type=delta, selector=selector,
-                          projections=recipe.srde.projections, seed=0, components=specs)
+    experts = attach_recipe_experts(model, recipe)
+    seen = []
+    for layer in experts.layers.values():
+        for name, bank in layer.banks.items():
+            bank.register_forward_hook(lambda module, args, out, name=name: seen.append((name, args[1].cache, len(args[1].cache))))
     model(input_ids=torch.randint(0, 64, (2, 6)))
-    for router in experts.routers().values():
-        assert router.last is not None and router.last.scratch == {}
+    by_layer = [seen[i:i + 3] for i in range(0, len(seen), 3)]
+    assert len(by_layer) == 2
+    for (g, g_cache, g_len), (u, u_cache, u_len), (d, d_cache, d_len) in by_layer:
+        assert (g, u, d) == ("gate_proj", "up_proj", "down_proj")
+        assert g_cache is u_cache and d_cache is not g_cache
+        assert g_len == u_len == d_len == 1  # one gathered input per cache: up_proj reused gate_proj's

@@ -8,7 +8,10 @@ import pytest
 
 from srde_core.errors import RecipeError
 from srde_core.recipe import load_recipe
-from srde_plugins.trainers import BasePretrain, BasePretrainParams, _base_key
+from srde_core.run import BaseInfo
+from srde_plugins.trainers import BasePretrainParams
+from srde_plugins.trainers.base_pretrain import BasePretrain
+from srde_plugins.trainers.base_pretrain import base_key as _base_key
 
 
 def fake_run(recipe, experts=None):
@@ -17,7 +20,7 @@ def fake_run(recipe, experts=None):
         tokenizer=types.SimpleNamespace(fingerprint="tok"),
         data=types.SimpleNamespace(fingerprint="data"),
         experts=experts,
-        extras={},
+        base=BaseInfo("x"),
     )
 
 

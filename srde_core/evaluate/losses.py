@@ -7,6 +7,7 @@ and a training loss measure the same quantity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from srde_core.data.collate import IGNORE_INDEX, collate
+from srde_core.model.context import ForwardContext
 
 # Positions whose logits are materialised at once: with a 32k-131k vocabulary a whole eval batch
 # of logits would not fit next to a large model.
@@ -60,8 +62,7 @@ def eval_batches(
 def next_token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nll [N], domain ids [N])`` of the N positions of ``batch`` that predict a labelled token.
 
-    ``batch`` must be on the model's device. Runs one forward of ``model`` (so SRDE routers hold
-    this batch's routing afterwards)."""
+    ``batch`` must be on the model's device. Runs one forward of ``model``."""
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
@@ -82,22 +83,26 @@ def domain_losses(
     domains: Sequence[str],
     *,
     device=None,
-    after_forward: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    experts=None,
+    after_forward: Callable[[dict[str, torch.Tensor], ForwardContext], None] | None = None,
 ) -> dict[str, DomainLoss]:
     """Token-weighted mean NLL per domain over ``batches`` (from :func:`eval_batches`).
 
     The model runs as it is: wrap the call in :func:`srde_core.evaluate.evaluation_state` to pick
-    base or SRDE. ``after_forward(batch)`` is called after each batch's forward (with the batch on
-    ``device``), e.g. to read the routers' last routing.
+    base or SRDE. With ``experts`` (the attached handle), each forward runs in a forward context
+    carrying the batch's domain ids, and ``after_forward(batch, context)`` is called after it (with
+    the batch on ``device``), e.g. to count the routings the context recorded.
     """
     device = device if device is not None else next(model.parameters()).device
     sums = torch.zeros(len(domains), dtype=torch.float64, device=device)
     counts = torch.zeros(len(domains), dtype=torch.long, device=device)
     for cpu_batch in batches:
         batch = {k: v.to(device) for k, v in cpu_batch.items()}
-        nll, domain_ids = next_token_nll(model, batch)
+        context = ForwardContext(domain_ids=batch["domain_ids"])
+        with experts.forward_context(context) if experts is not None else contextlib.nullcontext():
+            nll, domain_ids = next_token_nll(model, batch)
         if after_forward is not None:
-            after_forward(batch)
+            after_forward(batch, context)
         sums.index_add_(0, domain_ids, nll.double())
         counts.index_add_(0, domain_ids, torch.ones_like(domain_ids))
     return {

@@ -83,9 +83,9 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False)
         base_acc = None if losses_only else accuracy()
     srde_loss = srde_acc = counter = None
     if experts is not None:
-        counter = RoutingCounter(experts.routers(), len(domains))
+        counter = RoutingCounter(experts.layers, len(domains))
         with evaluation_state(model, experts, enabled=True):
-            srde_loss = domain_losses(model, batches, domains, device=run.device,
+            srde_loss = domain_losses(model, batches, domains, device=run.device, experts=experts,
                                       after_forward=None if losses_only else counter.observe)
             srde_acc = None if losses_only else accuracy()
     result["loss"] = _loss_json(base_loss, srde_loss)

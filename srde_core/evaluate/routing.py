@@ -19,9 +19,11 @@ whose purity is the mean of the layers' purities.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+
+from srde_core.model.context import ForwardContext
 
 
 def expert_purity(counts: torch.Tensor) -> list[float | None]:
@@ -85,23 +87,23 @@ def summarize(counts: torch.Tensor, domains: Sequence[str]) -> dict:
 class RoutingCounter:
     """Accumulates each SRDE layer's expert x domain load matrix over forwards.
 
-    Call :meth:`observe` with the batch after each forward with the experts enabled; it reads every
-    router's last routing (one row per token of the ``[B, S]`` batch, pad tokens included, which
-    the attention mask drops here).
+    Call :meth:`observe` with the batch and the forward context after each forward with the experts
+    enabled; it reads every SRDE layer's routing from the context (one row per token of the
+    ``[B, S]`` batch, pad tokens included, which the attention mask drops here).
     """
 
-    def __init__(self, routers: Mapping[int, torch.nn.Module], num_domains: int):
-        self.routers = dict(routers)
+    def __init__(self, layers: Iterable[int], num_domains: int):
+        self.layers = list(layers)
         self.num_domains = num_domains
         self.counts: dict[int, torch.Tensor] = {}
 
-    def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
+    def observe(self, batch: Mapping[str, torch.Tensor], context: ForwardContext) -> None:
         mask = batch["attention_mask"].reshape(-1).bool()
         domain = batch["domain_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[mask]
-        for layer, router in self.routers.items():
-            routing = router.last
+        for layer in self.layers:
+            routing = context.routings.get(layer)
             if routing is None or routing.experts.shape[0] != mask.numel():
-                raise RuntimeError(f"layer {layer}: the router's last routing is not of this batch's forward")
+                raise RuntimeError(f"layer {layer}: the context holds no routing of this batch's forward")
             experts = routing.experts[mask]  # [N, k]
             cells = experts * self.num_domains + domain[:, None]
             size = routing.num_experts * self.num_domains

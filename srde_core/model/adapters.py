@@ -46,19 +46,24 @@ class AdapterMetadata:
 
 
 def save_adapter(
-    path: str | os.PathLike[str], srde_model: SRDEModel, *, base_model_id: str, recipe_hash: str
+    path: str | os.PathLike[str],
+    srde_model: SRDEModel,
+    *,
+    base_model_id: str,
+    recipe_hash: str,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the SRDE state of ``srde_model`` to ``path`` atomically; returns the path.
+    """Write the SRDE state of ``srde_model`` (or ``state``, the same keys gathered by a sharding
+    engine) to ``path`` atomically; returns the path.
 
     The file appears complete or not at all: it is written to a temporary file in the same
     directory and renamed over ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = srde_model.adapter_state() if state is None else state
     # clone() gives every tensor its own storage: safetensors refuses tensors that share memory.
-    tensors = {
-        name: t.detach().to("cpu").contiguous().clone() for name, t in srde_model.adapter_state().items()
-    }
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),

@@ -1,16 +1,18 @@
 """Attaching SRDE layers to a frozen HF causal LM.
 
 :func:`attach_srde` freezes every base parameter, asks the layout which decoder layers get experts
-and replaces each chosen layer's MLP by an :class:`SRDEMLP` (its own router, delta banks possibly
-shared with other layers). The returned :class:`SRDEModel` is the handle the rest of SRDE works
-through: trainable parameters, routers, enabling/disabling the experts, the adapter state and a
-JSON description of the structure (stored in adapters and checked when loading one).
+and replaces each chosen layer's MLP by an :class:`SRDEMLP` (its own router and combine step, delta
+banks possibly shared with other layers). The returned :class:`SRDEModel` is the handle the rest of
+SRDE works through: trainable parameters, routers, the forward context, enabling/disabling the
+experts, the adapter state and a JSON description of the structure (stored in adapters and checked
+when loading one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +21,16 @@ from torch import nn
 
 from srde_core.errors import SRDEError
 from srde_core.model.architectures import DecoderStack, find_decoder_stack
-from srde_core.model.components import DeltaBank, DeltaType, LayerPlan, Layout, Selector
+from srde_core.model.combine import CombineStep, CombineType
+from srde_core.model.components import DeltaBank, DeltaType, LayerPlan, Layout, RemapListener
+from srde_core.model.context import ContextSlot, ForwardContext
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
-from srde_core.model.routing import Router
-from srde_core.params import Params
+from srde_core.model.projections import check_projections
+from srde_core.model.routing import Router, RouterType
+from srde_core.params import Params, describe_params
 
-#: The component kinds :meth:`SRDEModel.describe` reports (the caller names them; a component
-#: does not know the registry name it was built from).
-COMPONENT_KINDS = ("layout", "delta", "selector")
+#: ``gather(tensors)``: a context in which (possibly partitioned) parameters are readable in full.
+Gather = Callable[[list[torch.Tensor]], contextlib.AbstractContextManager]
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class ComponentSpec:
         if params is None:
             return cls(name)
         if isinstance(params, Params):
-            return cls(name, params.model_dump(mode="json"))
+            return cls(name, describe_params(params))
         return cls(name, dict(params))
 
     def to_json(self) -> dict[str, Any]:
@@ -53,8 +57,9 @@ class SRDEModel:
     """Handle on a model with SRDE layers attached (built by :func:`attach_srde`).
 
     ``model`` is the HF model itself, used as usual for forward/generate. The SRDE state (every
-    router and every bank, shared banks once) is the module :attr:`adapter`, whose
-    ``state_dict()`` keys are ``routers.<layer>.<name>`` and ``banks.<bank key>.<projection>.<name>``.
+    router, combine step and bank, shared banks once) is the module :attr:`adapter`, whose
+    ``state_dict()`` keys are ``routers.<layer>.<name>``, ``combines.<layer>.<name>`` and
+    ``banks.<bank key>.<projection>.<name>``.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class SRDEModel:
         layers: Mapping[int, SRDEMLP],
         banks: Mapping[str, Mapping[str, DeltaBank]],
         components: Mapping[str, ComponentSpec],
+        context: ContextSlot,
     ):
         self.model = model
         self.stack = stack
@@ -74,9 +80,11 @@ class SRDEModel:
         self._layers = dict(layers)
         self._banks = {key: dict(per_proj) for key, per_proj in banks.items()}
         self._components = dict(components)
+        self.context = context
         self.adapter = nn.ModuleDict(
             {
                 "routers": nn.ModuleDict({str(i): mlp.router for i, mlp in self._layers.items()}),
+                "combines": nn.ModuleDict({str(i): mlp.combine for i, mlp in self._layers.items()}),
                 "banks": nn.ModuleDict(
                     {key: nn.ModuleDict(per_proj) for key, per_proj in self._banks.items()}
                 ),
@@ -99,6 +107,24 @@ class SRDEModel:
     def banks(self) -> dict[str, dict[str, DeltaBank]]:
         """Bank key -> projection -> delta bank; a shared bank appears once."""
         return {key: dict(per_proj) for key, per_proj in self._banks.items()}
+
+    @contextlib.contextmanager
+    def forward_context(self, context: ForwardContext | None = None) -> Iterator[ForwardContext]:
+        """Every SRDE layer sees ``context`` (a fresh one by default) in the forwards run inside;
+        their routings are recorded in it."""
+        with self.context.using(context if context is not None else ForwardContext()) as active:
+            yield active
+
+    def add_remap_listener(self, listener: RemapListener) -> None:
+        """``listener(remaps)`` is called whenever any bank's parameters are remapped."""
+        for per_proj in self._banks.values():
+            for bank in per_proj.values():
+                bank.add_remap_listener(listener)
+
+    def remove_remap_listener(self, listener: RemapListener) -> None:
+        for per_proj in self._banks.values():
+            for bank in per_proj.values():
+                bank.remove_remap_listener(listener)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Name -> parameter of everything training updates: router gates and each bank's
@@ -145,18 +171,6 @@ class SRDEModel:
             },
             "components": {kind: spec.to_json() for kind, spec in self._components.items()},
         }
-
-
-def _check_projections(projections: Sequence[str]) -> tuple[str, ...]:
-    names = tuple(projections)
-    unknown = [p for p in names if p not in PROJECTIONS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise SRDEError(
-            f"projections must be distinct names from {', '.join(PROJECTIONS)}, got {list(names)}",
-            key="projections",
-        )
-    # Canonical order, so the structure (and the generator's draws) do not depend on spelling.
-    return tuple(p for p in PROJECTIONS if p in names)
 
 
 def _check_plans(plans: Sequence[LayerPlan], num_layers: int) -> list[LayerPlan]:
@@ -208,61 +222,78 @@ def _check_bank(bank: DeltaBank, weight: torch.Tensor, num_experts: int, where: 
         p.requires_grad_(name in bank.trainable_names)
 
 
+def _per_layer(module: nn.Module, base_cls: type, where: str) -> nn.Module:
+    if not isinstance(module, base_cls):
+        raise SRDEError(f"{where}: built {type(module).__name__}, not a {base_cls.__name__}", key="srde")
+    return module
+
+
 def attach_srde(
     model: nn.Module,
     *,
     layout: Layout,
     delta_type: DeltaType,
-    selector: Selector | None,
+    router_type: RouterType,
+    combine_type: CombineType | None = None,
     projections: Sequence[str] = PROJECTIONS,
     seed: int,
     components: Mapping[str, ComponentSpec] | None = None,
+    gather: Gather | None = None,
 ) -> SRDEModel:
     """Freeze ``model`` and wrap the MLPs the layout chooses with SRDE layers, in place.
 
-    For each :class:`LayerPlan`, the layer's MLP becomes ``SRDEMLP(base_mlp, router, banks)`` with
-    one bank per requested projection. Layers with the same bank key share the bank modules, built
-    from the first such layer's weights; their weights must have the same shapes. Routers are per
-    layer. Routers and banks are float32 (master weights) on the base weights' device, drawn from
-    one CPU ``torch.Generator`` seeded with ``seed`` (so the result does not depend on the device).
+    For each :class:`LayerPlan`, the layer's MLP becomes ``SRDEMLP(base_mlp, router, banks,
+    combine)`` with one bank per requested projection. Layers with the same bank key share the bank
+    modules, built from the first such layer's weights; their weights must have the same shapes.
+    Routers and combine steps are per layer. They and the banks are float32 (master weights) on the
+    base weights' device, drawn from one CPU ``torch.Generator`` seeded with ``seed`` (so the
+    result does not depend on the device). ``gather`` makes partitioned base weights readable while
+    a bank is built from them (ZeRO-3); by default they are read as they are.
 
-    ``components`` names the layout/delta/selector by registry name and params (see
+    ``components`` names the components by kind, registry name and params (see
     :class:`ComponentSpec`) for :meth:`SRDEModel.describe`; they must be JSON-serialisable.
     """
     if any(isinstance(m, SRDEMLP) for m in model.modules()):
         raise SRDEError("the model already has SRDE layers attached", key="model")
-    if delta_type.uses_selector and selector is None:
-        raise SRDEError("this delta type needs a selector, and none is configured", key="selector")
     components = dict(components or {})
-    unknown = sorted(set(components) - set(COMPONENT_KINDS))
-    if unknown:
-        raise ValueError(f"unknown component kinds {unknown}; expected some of {COMPONENT_KINDS}")
     try:
         json.dumps({kind: spec.to_json() for kind, spec in components.items()})
     except TypeError as err:
         raise ValueError(f"component params must be JSON-serialisable: {err}") from err
-
-    projections = _check_projections(projections)
+    try:
+        projections = check_projections(projections)
+    except ValueError as err:
+        raise SRDEError(str(err), key="srde.projections") from None
     stack = find_decoder_stack(model)
     plans = _check_plans(layout.plan(stack.num_layers), stack.num_layers)
+    gather = gather or (lambda tensors: contextlib.nullcontext())
 
     # Build every router and bank before touching the model, so a failure leaves it unchanged.
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    slot = ContextSlot()
     banks: dict[str, dict[str, DeltaBank]] = {}
     layers: dict[int, SRDEMLP] = {}
     for plan in plans:
         base = stack.mlp(plan.layer)
         weights = {proj: getattr(base, proj).weight for proj in projections}
         device = next(iter(weights.values())).device
-        router = Router(stack.hidden_size, plan.num_experts, plan.top_k, generator)
+        where = f"layer {plan.layer}"
+        router = _per_layer(router_type.make_router(stack.hidden_size, plan.num_experts, plan.top_k, generator), Router, f"{where} router")
         router.to(device=device, dtype=torch.float32)
+        combine = None
+        if combine_type is not None:
+            combine = _per_layer(
+                combine_type.make_combine(stack.hidden_size, plan.num_experts, plan.top_k, generator), CombineStep, f"{where} combine"
+            )
+            combine.to(device=device, dtype=torch.float32)
         if plan.bank not in banks:
             built: dict[str, DeltaBank] = {}
             for proj, weight in weights.items():
-                bank = delta_type.make_bank(weight.detach(), plan.num_experts, selector, generator)
-                _check_bank(bank, weight, plan.num_experts, f"layer {plan.layer} {proj}")
+                with gather([weight]):
+                    bank = delta_type.make_bank(weight.detach(), plan.num_experts, generator)
+                    _check_bank(bank, weight, plan.num_experts, f"{where} {proj}")
                 # .to(dtype) converts floating tensors only: integer positions stay integer.
-                built[proj] = bank.to(device=weight.device, dtype=torch.float32)
+                built[proj] = bank.to(device=device, dtype=torch.float32)
             banks[plan.bank] = built
         else:
             for proj, weight in weights.items():
@@ -273,11 +304,11 @@ def attach_srde(
                         f"'{plan.bank}' of shape {(shared.out_features, shared.in_features)}",
                         key="layout",
                     )
-        layers[plan.layer] = SRDEMLP(base, router, banks[plan.bank])
+        layers[plan.layer] = SRDEMLP(base, router, banks[plan.bank], combine, layer=plan.layer, context=slot)
 
     for p in model.parameters():
         p.requires_grad_(False)
     for index, mlp in layers.items():
         stack.set_mlp(index, mlp)
 
-    return SRDEModel(model, stack, plans, projections, layers, banks, components)
+    return SRDEModel(model, stack, plans, projections, layers, banks, components, slot)

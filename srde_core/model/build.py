@@ -35,16 +35,55 @@ def model_class(architecture: str):
     return cls
 
 
+def _from_pretrained(cls, spec, dtype, kwargs, source: str):
+    """``cls.from_pretrained``; a model that cannot be loaded ends in one line saying why."""
+    try:
+        return cls.from_pretrained(spec.name_or_path, dtype=dtype, **spec.config, **kwargs)
+    except (OSError, ValueError, EnvironmentError, ImportError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise SRDEError(
+            f"cannot load model '{spec.name_or_path}' as {spec.architecture}: {type(err).__name__}: {reason}",
+            source=source,
+            key="model.name_or_path",
+        ) from None
+
+
 def build_base_model(run):
-    """Load (``name_or_path``) or build from ``model.config`` the base model, on the run's device."""
+    """Load (``name_or_path``) or build from ``model.config`` the base model, on the run's device.
+
+    Construction runs inside every context the ``srde_model_init_context`` hook returns (ZeRO-3
+    partitions parameters as they are created).
+    """
+    import contextlib
+
     import torch
 
     spec = run.recipe.model
     cls = model_class(spec.architecture)
     kwargs = _load_kwargs(run)
     dtype = getattr(torch, spec.dtype)
+    with contextlib.ExitStack() as stack:
+        for context in run.hook.srde_model_init_context(run=run):
+            if context is not None:
+                stack.enter_context(context)
+        model = _construct(run, cls, spec, dtype, kwargs)
+    model.to(run.device)
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    impl = getattr(model.config, "_attn_implementation", spec.attn_implementation)
+    note = " (flash-attn needs CUDA)" if run.device.type == "cpu" and impl == "sdpa" else ""
+    run.log(f"attention: {impl}{note}; base parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+    return model
+
+
+def _construct(run, cls, spec, dtype, kwargs):
+    import torch
+
     if spec.name_or_path:
-        model = cls.from_pretrained(spec.name_or_path, dtype=dtype, **spec.config, **kwargs)
+        return _from_pretrained(cls, spec, dtype, kwargs, str(run.recipe.path))
     else:
         tokenizer = run.tokenizer
         defaults = {
@@ -58,46 +97,31 @@ def build_base_model(run):
         except (TypeError, ValueError) as err:
             raise SRDEError(f"invalid model config: {err}", source=str(run.recipe.path), key="model.config") from None
         torch.manual_seed(run.recipe.seed)
-        model = cls._from_config(config, dtype=dtype, **kwargs)
-    model.to(run.device)
-    model.config.use_cache = False
-    if spec.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    impl = getattr(model.config, "_attn_implementation", spec.attn_implementation)
-    note = " (flash-attn needs CUDA)" if run.device.type == "cpu" and impl == "sdpa" else ""
-    run.log(f"attention: {impl}{note}; base parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
-    return model
+        return cls._from_config(config, dtype=dtype, **kwargs)
 
 
-def build_experts_components(recipe, build):
-    """(layout, delta type, selector or None, component specs) for ``attach_srde``."""
-    from srde_core.model.attach import ComponentSpec
+def attach_recipe_experts(model, recipe, *, gather=None):
+    """Freeze ``model`` and attach the experts ``recipe`` describes (its ``[srde]`` table)."""
+    from srde_core.model.attach import ComponentSpec, attach_srde
 
     srde = recipe.srde
-    layout = build(srde.layout)
-    delta_type = build(srde.delta)
-    selector = build(srde.selector) if delta_type.uses_selector else None
-    chosen = {"layout": srde.layout, "delta": srde.delta}
-    if selector is not None:
-        chosen["selector"] = srde.selector
-    specs = {kind: ComponentSpec.of(choice.name, choice.params) for kind, choice in chosen.items()}
-    return layout, delta_type, selector, specs
+    chosen = {"layout": srde.layout, "delta": srde.delta, "router": srde.router, "combine": srde.combine}
+    return attach_srde(
+        model,
+        layout=srde.layout.build(),
+        delta_type=srde.delta.build(),
+        router_type=srde.router.build(),
+        combine_type=srde.combine.build(),
+        projections=srde.projections,
+        seed=recipe.seed,
+        components={kind: ComponentSpec.of(choice.name, choice.params) for kind, choice in chosen.items()},
+        gather=gather,
+    )
 
 
 def attach_from_recipe(run):
     """Freeze the run's base model and attach the recipe's experts; then let plugins configure it."""
-    from srde_core.model.attach import attach_srde
-
-    layout, delta_type, selector, specs = build_experts_components(run.recipe, run.build)
-    experts = attach_srde(
-        run.model,
-        layout=layout,
-        delta_type=delta_type,
-        selector=selector,
-        projections=run.recipe.srde.projections,
-        seed=run.recipe.seed,
-        components=specs,
-    )
+    experts = attach_recipe_experts(run.model, run.recipe, gather=run.engine.gather if run.engine is not None else None)
     run.hook.srde_configure_model(model=run.model, run=run)
     count = sum(p.numel() for p in experts.trainable_parameters().values())
     run.log(f"experts: {len(experts.layers)} layers, {count / 1e6:.2f}M trainable parameters")

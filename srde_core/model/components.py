@@ -1,24 +1,34 @@
-"""The contracts of the pluggable SRDE parts: selectors, delta types and layouts.
+"""The contracts of the pluggable SRDE parts: selectors, delta types and their banks.
 
 A plugin registers a *factory* for one of these under a name; the factory receives the validated
 params and returns an object with the methods below.
 
-- ``selector`` factory(params) -> :class:`Selector`: which positions of a frozen weight an expert
-  may change. Selectors are modules so that learned ones (Gumbel top-k) can own parameters; a
-  selector whose choice changes during training re-selects from an ``srde_after_step`` hook and
-  the delta bank picks the new positions up through :meth:`DeltaBank.set_positions`.
 - ``delta`` factory(params) -> :class:`DeltaType`: builds one :class:`DeltaBank` per projection.
-- ``layout`` factory(params) -> :class:`Layout`: which decoder layers get experts, how many,
-  top-k per layer, and which layers share one expert bank.
+  A delta type that places its entries with a selector declares the selector as a component field
+  of its params (``selector: ComponentChoice = component("selector", "magnitude")``) and builds one
+  selector per bank, so a selector with parameters (learned masks) has its own per bank.
+- ``selector`` factory(params) -> :class:`Selector`: which positions of a frozen weight an expert
+  may change. A selector is a module: one that learns owns parameters, lists them in
+  ``trainable_names``, and the bank that holds it trains and saves them.
+- ``layout`` (see :mod:`srde_core.model.layout`), ``router`` (:mod:`srde_core.model.routing`) and
+  ``combine`` (:mod:`srde_core.model.combine`) complete the layer.
+
+Structure that changes during training goes through the bank: :meth:`DeltaBank.set_positions`
+moves entries (and reports how parameters were remapped, so optimiser state follows them) and
+:meth:`DeltaBank.set_active_fraction` masks or prunes entries (adaptive sparsity).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from srde_core.model.context import ForwardContext
 from srde_core.model.layout import LayerPlan, Layout  # noqa: F401  (part of this contract)
 from srde_core.model.routing import Routing
 
@@ -26,18 +36,57 @@ from srde_core.model.routing import Routing
 class Selector(nn.Module, ABC):
     """Chooses, per expert, ``count`` flat positions of a ``(out, in)`` weight."""
 
+    #: Names of this selector's parameters that train (saved with the adapter either way).
+    trainable_names: tuple[str, ...] = ()
+
     @abstractmethod
     def select(
         self, weight: torch.Tensor, num_experts: int, count: int, generator: torch.Generator
     ) -> torch.Tensor:
-        """Return a LongTensor ``[num_experts, count]`` of flat positions, unique and sorted per row."""
+        """Return a LongTensor ``[num_experts, count]`` of flat positions, unique and sorted per row.
+
+        ``weight`` is the full frozen weight: under ZeRO-3 the caller gathers it first.
+        """
+
+
+@dataclass
+class BankCall:
+    """What a bank receives with its input in one forward of one SRDE layer.
+
+    ``cache`` is shared by the projections that take the same input in this forward (gate_proj and
+    up_proj): a bank may keep work there that a sibling can reuse (the sparse bank keeps the
+    per-expert gathered input). It lives for one forward of one layer.
+    """
+
+    routing: Routing
+    context: ForwardContext
+    cache: dict[str, Any] = field(default_factory=dict)
+    projection: str = ""
+
+
+@dataclass(frozen=True)
+class Remap:
+    """A bank parameter whose entries moved: entry ``[..., j]`` of ``new`` continues entry
+    ``[..., index[..., j]]`` of ``old`` in the same row; ``index`` is -1 for a fresh entry.
+
+    ``new`` may be ``old`` itself (updated in place) or a replacement of another size. An engine
+    moves the optimiser state of ``old`` the same way (fresh entries start from zero state).
+    """
+
+    old: nn.Parameter
+    new: nn.Parameter
+    index: torch.Tensor
+
+
+RemapListener = Callable[[list[Remap]], None]
 
 
 class DeltaBank(nn.Module, ABC):
     """The experts' deltas to one projection weight ``W`` of shape ``(out, in)``.
 
-    Subclasses set ``self.num_experts``, ``self.in_features`` and ``self.out_features`` and list
-    the names of their trainable parameters in ``trainable_names`` (saved in adapters).
+    Subclasses call ``super().__init__()``, set ``self.num_experts``, ``self.in_features`` and
+    ``self.out_features``, and list the names of their trainable parameters in ``trainable_names``
+    (dotted names reach into submodules, e.g. ``selector.scores``; everything else is state).
     """
 
     num_experts: int
@@ -45,28 +94,65 @@ class DeltaBank(nn.Module, ABC):
     out_features: int
     trainable_names: tuple[str, ...] = ()
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._remap_listeners: list[RemapListener] = []
+
     @abstractmethod
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """``[T, in] -> [T, out]``: row t is ``sum_k routing.weights[t, k] * dW[experts[t, k]] @ x[t]``."""
+    def forward(self, x: torch.Tensor, call: BankCall) -> torch.Tensor:
+        """``[T, in] -> [T, out]``: row t is ``sum_k w[t, k] * dW[experts[t, k]] @ x[t]`` with the
+        experts and weights of ``call.routing``."""
 
     @abstractmethod
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The dense ``dW`` of one expert, ``(out, in)``: for the reference path, merging and analysis."""
 
+    # -- structure that changes during training -------------------------------------------------
+
+    def entry_positions(self) -> torch.Tensor | None:
+        """Flat row-major positions ``[E, P]`` of the entries each expert owns; None for deltas
+        without positions (dense, low-rank)."""
+        return None
+
+    @property
+    def active_fraction(self) -> float:
+        """The fraction of its entries the bank currently uses (1.0 unless masked or pruned)."""
+        return 1.0
+
+    def set_active_fraction(self, fraction: float) -> None:
+        """Use only ``fraction`` of the entries (those that matter most, by the bank's own measure).
+
+        :raises NotImplementedError: for banks whose size cannot change.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has a fixed size")
+
+    def set_positions(self, positions: torch.Tensor) -> list[Remap]:
+        """Move the experts' entries to ``positions`` (``[E, P']``); return the remapped parameters
+        (after telling the listeners, see :meth:`add_remap_listener`).
+
+        :raises NotImplementedError: for banks without positions.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no positions")
+
+    def add_remap_listener(self, listener: RemapListener) -> None:
+        """Call ``listener(remaps)`` whenever this bank's parameters are remapped (the engine's
+        optimiser state follows them)."""
+        self._remap_listeners.append(listener)
+
+    def remove_remap_listener(self, listener: RemapListener) -> None:
+        if listener in self._remap_listeners:
+            self._remap_listeners.remove(listener)
+
+    def notify_remap(self, remaps: list[Remap]) -> list[Remap]:
+        for listener in list(self._remap_listeners):
+            listener(remaps)
+        return remaps
+
 
 class DeltaType(ABC):
     """Builds the delta bank of one projection."""
 
-    #: Whether :meth:`make_bank` uses the recipe's selector.
-    uses_selector: bool = False
-
     @abstractmethod
-    def make_bank(
-        self,
-        weight: torch.Tensor,
-        num_experts: int,
-        selector: Selector | None,
-        generator: torch.Generator,
-    ) -> DeltaBank:
-        """A bank of ``num_experts`` deltas for the frozen ``weight`` (``(out, in)``). The bank
-        must start at dW = 0 so that an untrained SRDE model equals its base."""
+    def make_bank(self, weight: torch.Tensor, num_experts: int, generator: torch.Generator) -> DeltaBank:
+        """A bank of ``num_experts`` deltas for the frozen ``weight`` (``(out, in)``, gathered in
+        full). The bank must start at dW = 0 so that an untrained SRDE model equals its base."""

@@ -1,12 +1,14 @@
 """The SRDE MLP: a frozen gated MLP whose weights get per-token routed deltas.
 
-    g = x W_g^T + sum_k w_k x dW_g,k^T        (gate_proj)
-    u = x W_u^T + sum_k w_k x dW_u,k^T        (up_proj)
+    g = merge(x W_g^T, sum_k w_k x dW_g,k^T)        (gate_proj)
+    u = merge(x W_u^T, sum_k w_k x dW_u,k^T)        (up_proj)
     h = act(g) * u
-    y = h W_d^T + sum_k w_k h dW_d,k^T        (down_proj)
+    y = merge(h W_d^T, sum_k w_k h dW_d,k^T)        (down_proj)
 
-with ONE routing decision (experts e_k, weights w_k) per token, shared by the three projections.
-The base projections run once for all tokens; each delta bank adds its term on top.
+with ONE routing decision (experts e_k, weights w_k) per token, shared by the three projections;
+``merge`` is the combine step's (plain addition by default) and the weights are the ones the
+combine step passes on. The base projections run once for all tokens; each delta bank adds its
+term on top.
 """
 
 from __future__ import annotations
@@ -14,39 +16,67 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from srde_core.model.components import DeltaBank
+from srde_core.model.combine import CombineStep, WeightedSum
+from srde_core.model.components import BankCall, DeltaBank
+from srde_core.model.context import ContextSlot, ForwardContext
+from srde_core.model.projections import PROJECTIONS, check_projections
 from srde_core.model.routing import Router
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+__all__ = ["PROJECTIONS", "SRDEMLP"]
 
 
 class SRDEMLP(nn.Module):
-    """Wraps a frozen HF gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)."""
+    """Wraps a frozen HF gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``).
 
-    def __init__(self, base: nn.Module, router: Router, banks: dict[str, DeltaBank]):
+    ``context`` is the slot through which the attached model hands every layer the forward
+    context; a layer used on its own gets a private one.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        router: Router,
+        banks: dict[str, DeltaBank],
+        combine: CombineStep | None = None,
+        *,
+        layer: int = 0,
+        context: ContextSlot | None = None,
+    ):
         super().__init__()
-        unknown = set(banks) - set(PROJECTIONS)
-        if unknown:
-            raise ValueError(f"unknown projections {sorted(unknown)}; expected a subset of {PROJECTIONS}")
+        check_projections(banks)
         self.base = base
         self.router = router
         self.banks = nn.ModuleDict(banks)
+        self.combine = combine if combine is not None else WeightedSum()
+        self.layer = layer
+        self.context = context if context is not None else ContextSlot()
         self.enabled = True
 
-    def _project(self, name: str, x: torch.Tensor, routing) -> torch.Tensor:
+    def _project(self, name: str, x: torch.Tensor, call: BankCall | None) -> torch.Tensor:
         out = getattr(self.base, name)(x)
-        if self.enabled and name in self.banks:
-            out = out + self.banks[name](x, routing).to(out.dtype)
+        if call is not None and name in self.banks:
+            call.projection = name
+            out = self.combine.merge(out, self.banks[name](x, call), name)
         return out
+
+    def route(self, x: torch.Tensor, context: ForwardContext):
+        """This layer's routing of the flat tokens ``x`` (router, then the combine step), recorded
+        in ``context``."""
+        routing = self.combine.weights(self.router(x, context), x, context)
+        context.record(self.layer, routing)
+        return routing
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        routing = self.router(x) if self.enabled else None
-        gate = self._project("gate_proj", x, routing)
-        up = self._project("up_proj", x, routing)
+        shared = h_call = None
+        if self.enabled:
+            context = self.context.current or ForwardContext()
+            routing = self.route(x, context)
+            shared = BankCall(routing, context)  # gate_proj and up_proj take the same input
+            h_call = BankCall(routing, context)
+        gate = self._project("gate_proj", x, shared)
+        up = self._project("up_proj", x, shared)
         h = self.base.act_fn(gate) * up
-        y = self._project("down_proj", h, routing)
-        if routing is not None:
-            routing.scratch.clear()  # routing outlives the forward on router.last; its scratch must not
+        y = self._project("down_proj", h, h_call)
         return y.reshape(*shape[:-1], y.shape[-1])

@@ -1,13 +1,14 @@
 """The dense reference of an SRDE MLP: the definition of what every fast path must compute.
 
-For each token ``t``, with the router's experts ``e_tk`` and gate weights ``w_tk`` (one decision
-per token, shared by the three projections), every projection with a bank gets the effective weight
+For each token ``t``, with the experts ``e_tk`` and gate weights ``w_tk`` the layer's router and
+combine step give (one decision per token, shared by the three projections), every projection with
+a bank computes, with dense per-expert deltas materialised from ``bank.delta_weight``,
 
-    W_eff(t) = W + sum_k w_tk * bank.delta_weight(e_tk)
+    out_t = combine.merge(W x_t + b,  sum_k w_tk * dW_{e_tk} x_t)
 
-and the token goes through the plain gated MLP ``down(act(gate(x)) * up(x))`` with those weights.
-Nothing here is fast: it materialises a full weight per token and projection. Tests compare every
-delta type, selector and kernel against it.
+and the token goes through the plain gated MLP ``down(act(gate(x)) * up(x))`` with those
+projections. With the default combine step this is ``(W + sum_k w_tk dW_{e_tk}) x_t``. Nothing
+here is fast. Tests compare every delta type, selector, router, combine step and kernel against it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from srde_core.model.context import ForwardContext
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
 
 
@@ -30,16 +32,17 @@ def compute_dtype(mlp: SRDEMLP, x: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def dense_reference(mlp: SRDEMLP, hidden: torch.Tensor) -> torch.Tensor:
+def dense_reference(mlp: SRDEMLP, hidden: torch.Tensor, context: ForwardContext | None = None) -> torch.Tensor:
     """``mlp(hidden)`` computed the slow, obvious way; differentiable in everything ``mlp`` is.
 
-    Routes with ``mlp.router`` (so ``mlp.router.last`` is overwritten, as in a forward pass) and
-    returns ``[..., hidden]`` in :func:`compute_dtype`. A disabled ``mlp`` gives the base MLP.
+    Routes with ``mlp.route`` (recording the routing in ``context`` as a forward does) and returns
+    ``[..., hidden]`` in :func:`compute_dtype`. A disabled ``mlp`` gives the base MLP.
     """
     dtype = compute_dtype(mlp, hidden)
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])
-    routing = mlp.router(x) if mlp.enabled else None
+    context = context if context is not None else (mlp.context.current or ForwardContext())
+    routing = mlp.route(x, context) if mlp.enabled else None
     x = x.to(dtype)
 
     def base_parts(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,21 +56,19 @@ def dense_reference(mlp: SRDEMLP, hidden: torch.Tensor) -> torch.Tensor:
         for name, bank in mlp.banks.items():
             deltas[name] = torch.stack([bank.delta_weight(e).to(dtype) for e in range(bank.num_experts)])
 
-    def effective_weight(name: str, t: int) -> torch.Tensor:
-        weight = parts[name][0]
+    def project(name: str, t: int, v: torch.Tensor) -> torch.Tensor:
+        out = F.linear(v, *parts[name])
         if name not in deltas:
-            return weight
+            return out
+        delta = torch.zeros_like(out)
         for k in range(routing.top_k):
             expert = int(routing.experts[t, k])
-            weight = weight + routing.weights[t, k].to(dtype) * deltas[name][expert]
-        return weight
+            delta = delta + routing.weights[t, k].to(dtype) * (deltas[name][expert] @ v)
+        return mlp.combine.merge(out[None], delta[None], name)[0]
 
     rows = []
     for t in range(x.shape[0]):
-        w_gate, w_up, w_down = (effective_weight(name, t) for name in PROJECTIONS)
-        gate = F.linear(x[t], w_gate, parts["gate_proj"][1])
-        up = F.linear(x[t], w_up, parts["up_proj"][1])
-        h = mlp.base.act_fn(gate) * up
-        rows.append(F.linear(h, w_down, parts["down_proj"][1]))
+        h = mlp.base.act_fn(project("gate_proj", t, x[t])) * project("up_proj", t, x[t])
+        rows.append(project("down_proj", t, h))
     y = torch.stack(rows) if rows else x.new_zeros(0, parts["down_proj"][0].shape[0])
     return y.reshape(*shape[:-1], y.shape[-1])

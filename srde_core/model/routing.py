@@ -1,12 +1,21 @@
-"""The per-token router: one top-k decision per token per MLP block."""
+"""Routing: one top-k decision per token per MLP block, and the contracts of routers.
+
+A ``router`` component (registry kind ``router``) is a :class:`RouterType`; it builds one
+:class:`Router` module per SRDE layer. A router maps the layer's input ``[T, H]`` to a
+:class:`Routing`: the experts of each token, their gate weights, and the full probabilities and
+logits that auxiliary losses read. The base class applies a forced assignment from the forward
+context (Phase 1 expert pre-training) on top of any router's own decision.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from srde_core.model.context import ForwardContext
 
 
 @dataclass
@@ -32,14 +41,11 @@ class Routing:
     """One routing decision for a flat batch of ``T`` tokens."""
 
     experts: torch.Tensor  # [T, k] long
-    weights: torch.Tensor  # [T, k], softmax over the chosen k
+    weights: torch.Tensor  # [T, k] gate weights, differentiable
     probs: torch.Tensor  # [T, E], softmax over all experts (for auxiliary losses)
     logits: torch.Tensor  # [T, E]
     num_experts: int
     _groups: ExpertGroups | None = field(default=None, repr=False)
-    #: Scratch space for the projections of one block during one forward (e.g. a delta bank keeps
-    #: the per-expert gathered input that gate_proj and up_proj share). Cleared by the layer.
-    scratch: dict = field(default_factory=dict, repr=False)
 
     @property
     def top_k(self) -> int:
@@ -62,40 +68,42 @@ class Routing:
             )
         return self._groups
 
+    def with_weights(self, weights: torch.Tensor, experts: torch.Tensor | None = None) -> Routing:
+        """The same decision with new gate weights (and experts): what a combine step returns."""
+        return replace(self, weights=weights, experts=self.experts if experts is None else experts, _groups=None)
+
     def load(self) -> torch.Tensor:
         """Fraction of routed token slots per expert, ``[E]`` (no gradient)."""
         counts = torch.bincount(self.experts.reshape(-1), minlength=self.num_experts)
         return counts.float() / max(1, self.experts.numel())
 
 
-class Router(nn.Module):
-    """Linear gate on the MLP input; top-k; softmax over the chosen k.
+class Router(nn.Module, ABC):
+    """Routes the ``[T, H]`` input of one SRDE layer to ``top_k`` of ``num_experts`` experts."""
 
-    The last routing is kept on ``self.last`` for losses and statistics. It is overwritten (never
-    appended) on each forward, so gradient checkpointing, which runs the forward again during
-    backward, cannot double-count it.
-    """
+    num_experts: int
+    top_k: int
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, generator: torch.Generator | None = None):
-        super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        with torch.no_grad():
-            self.gate.weight.normal_(0.0, hidden_size**-0.5, generator=generator)
-        self.last: Routing | None = None
+    @abstractmethod
+    def route(self, x: torch.Tensor, context: ForwardContext) -> Routing:
+        """The router's own decision for the tokens ``x``."""
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = self.gate(x.to(self.gate.weight.dtype)).float()
-        top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
-        routing = Routing(
-            experts=experts,
-            weights=F.softmax(top_logits, dim=-1),
-            probs=F.softmax(logits, dim=-1),
-            logits=logits,
-            num_experts=self.num_experts,
-        )
-        self.last = routing
-        return routing
+    def forward(self, x: torch.Tensor, context: ForwardContext | None = None) -> Routing:
+        context = context if context is not None else ForwardContext()
+        routing = self.route(x, context)
+        forced = context.per_token(context.forced_experts, x.shape[0])
+        if forced is None:
+            return routing
+        forced = forced.reshape(x.shape[0], -1).to(device=x.device, dtype=torch.long)
+        if forced.numel() and (int(forced.min()) < 0 or int(forced.max()) >= self.num_experts):
+            raise ValueError(f"forced experts must lie in [0, {self.num_experts})")
+        weights = torch.full(forced.shape, 1.0 / forced.shape[1], device=x.device, dtype=routing.weights.dtype)
+        return routing.with_weights(weights, forced)
+
+
+class RouterType(ABC):
+    """A ``router`` component: builds the router of each SRDE layer."""
+
+    @abstractmethod
+    def make_router(self, hidden_size: int, num_experts: int, top_k: int, generator: torch.Generator) -> Router:
+        """A router module for one layer, its parameters drawn from ``generator`` (CPU)."""

@@ -2,6 +2,11 @@
 
 The merge keeps the *provenance* of every key (which file, or which ``--set``, gave it) so that a
 validation error can name the file the user has to edit.
+
+A recipe is a path or the name of a preset shipped with the package, ``srde:NAME`` (the files of
+``srde_core/recipes/``; ``recipes/`` in a checkout is the same folder). ``extends`` takes either.
+Relative data paths resolve against the directory of the recipe file that was run, or against the
+working directory when a preset was run by name.
 """
 
 from __future__ import annotations
@@ -20,6 +25,34 @@ else:  # pragma: no cover
 from srde_core.errors import RecipeError
 
 KeyPath = tuple[str | int, ...]
+PRESET_PREFIX = "srde:"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package (``srde:NAME``)."""
+    return sorted(p.stem for p in _presets_dir().glob("*.toml"))
+
+
+def _presets_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("srde_core") / "recipes"))
+
+
+def locate(reference: str | Path, *, relative_to: Path | None = None) -> Path:
+    """The file of a recipe reference: ``srde:NAME`` (a shipped preset) or a path."""
+    text = str(reference)
+    if text.startswith(PRESET_PREFIX):
+        name = text[len(PRESET_PREFIX):]
+        path = _presets_dir() / f"{name}.toml"
+        if not name or not path.is_file():
+            from srde_core.errors import available, did_you_mean
+
+            names = preset_names()
+            raise RecipeError(f"no preset '{text}'{did_you_mean(name, names)}; {available(PRESET_PREFIX + n for n in names)}")
+        return path
+    path = Path(text)
+    return relative_to / path if relative_to is not None and not path.is_absolute() else path
 
 
 def format_key(path: KeyPath) -> str:
@@ -56,10 +89,12 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 class Layers:
-    """The merged recipe data and where each key came from."""
+    """The merged recipe data, where each key came from, and the base of relative paths."""
 
-    def __init__(self, top: Path):
+    def __init__(self, top: Path, base_dir: Path | None = None):
         self.top = top
+        # absolute() keeps symlinks (recipes/ -> srde_core/recipes/ in a checkout) as the user sees them
+        self.base_dir = base_dir if base_dir is not None else top.absolute().parent
         self.data: dict[str, Any] = {}
         self.provenance: dict[KeyPath, str] = {}
         self.files: list[Path] = []
@@ -140,10 +175,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def read_layers(path: Path, overrides: list[str] = ()) -> Layers:
-    """Read ``path`` and its ``extends`` chain (base first), then apply ``--set`` overrides."""
+def read_layers(reference: str | Path, overrides: list[str] = ()) -> Layers:
+    """Read a recipe and its ``extends`` chain (base first), then apply ``--set`` overrides."""
     chain: list[tuple[Path, dict[str, Any]]] = []
     seen: list[Path] = []
+    is_preset = str(reference).startswith(PRESET_PREFIX)
+    path = locate(reference)
     current = path
     while True:
         resolved = current.resolve()
@@ -157,12 +194,17 @@ def read_layers(path: Path, overrides: list[str] = ()) -> Layers:
         if parent is None:
             break
         if not isinstance(parent, str):
-            raise RecipeError("extends must be a string (a path relative to this file)", source=_display(current), key="extends")
-        target = current.parent / parent
+            raise RecipeError(
+                "extends must be a string (a path relative to this file, or srde:NAME)", source=_display(current), key="extends"
+            )
+        try:
+            target = locate(parent, relative_to=current.parent)
+        except RecipeError as err:
+            raise RecipeError(err.message, source=_display(current), key="extends") from None
         if not target.is_file():
             raise RecipeError(f"extended file '{parent}' not found", source=_display(current), key="extends")
         current = target
-    layers = Layers(path)
+    layers = Layers(path, Path.cwd() if is_preset else None)
     for file, data in reversed(chain):
         layers.merge(data, _display(file))
         layers.files.append(file)

@@ -19,46 +19,23 @@ from typing import Any
 from pydantic import ValidationError
 
 from srde_core.errors import RecipeError, available, did_you_mean
-from srde_core.params import Params
+from srde_core.params import Params, describe_params, slot_of
 from srde_core.plugins import PluginSet
 from srde_core.recipe.layers import KeyPath, Layers, format_key, read_layers
-from srde_core.recipe.schema import EvalParams, ModelParams, PhaseParams, RecipeParams, SRDEParams
-
-
-@dataclass(frozen=True)
-class ComponentChoice:
-    """A component picked by the recipe: registry kind, name and validated params."""
-
-    kind: str
-    name: str
-    params: Params
-    weight: float = 1.0  # used by losses only
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self.params.model_dump(mode="json")}
+from srde_core.recipe.schema import PhaseParams, RecipeParams
+from srde_core.registry import ComponentChoice
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One resolved ``[[phases]]`` entry."""
+    """One resolved ``[[phases]]`` entry: its position and its validated keys (``phase.steps``,
+    ``phase.trainer``, ``phase.losses``, ...)."""
 
     index: int
     core: PhaseParams
-    trainer: ComponentChoice
-    scheduler: ComponentChoice
-    losses: tuple[ComponentChoice, ...]
 
     def __getattr__(self, name: str) -> Any:
-        # phase.steps, phase.lr, ... read through to the validated core fields
         return getattr(self.core, name)
-
-
-@dataclass(frozen=True)
-class SRDEChoice:
-    projections: tuple[str, ...]
-    layout: ComponentChoice
-    delta: ComponentChoice
-    selector: ComponentChoice
 
 
 @dataclass(frozen=True)
@@ -67,21 +44,14 @@ class Recipe:
 
     path: Path
     top: RecipeParams
-    model: ModelParams
-    srde: SRDEChoice
     phases: tuple[Phase, ...]
-    eval: EvalParams
     plugin_settings: Mapping[str, Params]
     required_plugins: tuple[str, ...]
     resolved: dict[str, Any] = field(repr=False)
+    base_dir: Path = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.top, name)
-
-    @property
-    def base_dir(self) -> Path:
-        """Relative data paths in a recipe are relative to the recipe file's directory."""
-        return self.path.resolve().parent
 
     def fingerprint(self) -> str:
         """sha256 of the resolved recipe (stored in adapters and run directories)."""
@@ -145,69 +115,106 @@ def validate(model: type[Params], data: Any, where: KeyPath, layers: Layers) -> 
         raise RecipeError(message, source=layers.source_of(path), key=format_key(path)) from None
 
 
-def _component(
-    kind: str, spec: Any, where: KeyPath, layers: Layers, plugins: PluginSet, *, with_weight: bool = False
-) -> ComponentChoice:
-    """Resolve ``"name"`` or ``{name = "...", arg = ...}`` against the ``kind`` registry."""
-    source = layers.source_of(where)
-    key = format_key(where)
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict):
-        raise RecipeError(f"expected a {kind} name or a table with 'name'", source=source, key=key)
-    args = dict(spec)
-    name = args.pop("name", None)
-    if not isinstance(name, str):
-        raise RecipeError(f"missing the {kind} 'name'", source=source, key=key)
-    registry = plugins.registries[kind]
-    if name not in registry:
-        hint = did_you_mean(name, registry.names())
-        raise RecipeError(
-            f"unknown {kind} '{name}'{hint}; {available(registry.names())}{plugins.broken_note()}",
-            source=layers.source_of((*where, "name")),
-            key=format_key((*where, "name")),
-        )
-    weight = 1.0
-    if with_weight and "weight" in args:
-        weight = args.pop("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise RecipeError(
-                f"weight must be a number >= 0 (got {_describe_input(weight)})",
-                source=layers.source_of((*where, "weight")),
-                key=format_key((*where, "weight")),
-            )
-    params = validate(registry.get(name).params, args, where, layers)
-    return ComponentChoice(kind, name, params, float(weight))
+class _Resolver:
+    """Resolves raw recipe data against a params class: component fields (at any depth) first,
+    each against its kind's registry, then the class itself."""
 
+    def __init__(self, layers: Layers, plugins: PluginSet):
+        self.layers = layers
+        self.plugins = plugins
 
-def _phase(index: int, raw: Any, layers: Layers, plugins: PluginSet) -> Phase:
-    where: KeyPath = ("phases", index)
-    if not isinstance(raw, dict):
-        raise RecipeError("each [[phases]] entry must be a table", source=layers.source_of(where), key=format_key(where))
-    core_keys = set(PhaseParams.model_fields)
-    core_raw = {k: v for k, v in raw.items() if k in core_keys}
-    extra = {k: v for k, v in raw.items() if k not in core_keys}
-    trainer_name = raw.get("trainer")
-    trainer_params_cls = None
-    if isinstance(trainer_name, str) and trainer_name in plugins.registries["trainer"]:
-        trainer_params_cls = plugins.registries["trainer"].get(trainer_name).params
-    for key in extra:  # unknown to both the phase and its trainer
-        if trainer_params_cls is None or key not in trainer_params_cls.model_fields:
-            valid = [*core_keys, *(trainer_params_cls.model_fields if trainer_params_cls else [])]
-            owner = f" for trainer '{trainer_name}'" if trainer_params_cls else ""
+    def params(self, cls: type[Params], raw: Any, where: KeyPath) -> Params:
+        if not isinstance(raw, dict):
+            return validate(cls, raw, where, self.layers)
+        args = dict(raw)
+        for name, info in cls.model_fields.items():
+            slot = slot_of(info)
+            if slot is not None:
+                value = args.get(name, slot.default)
+                if name not in args and slot.required:
+                    raise RecipeError("missing required key", source=self.layers.source_of(where), key=format_key((*where, name)))
+                if value is None:
+                    args.pop(name, None)
+                    continue
+                args[name] = self.many(slot, value, (*where, name)) if slot.many else self.component(slot.kind, value, (*where, name))
+                continue
+            nested = _params_class(info.annotation)
+            if nested is None:
+                continue
+            if name in args:
+                value = args[name]
+                if isinstance(value, list):
+                    args[name] = [self.params(nested, v, (*where, name, i)) if isinstance(v, dict) else v for i, v in enumerate(value)]
+                elif isinstance(value, dict):
+                    args[name] = self.params(nested, value, (*where, name))
+            elif not info.is_required() and info.default is None and info.default_factory is nested:
+                args[name] = self.params(nested, {}, (*where, name))
+        self.misplaced_arguments(cls, args, where)
+        return validate(cls, args, where, self.layers)
+
+    def misplaced_arguments(self, cls: type[Params], args: dict[str, Any], where: KeyPath) -> None:
+        """An unknown key that is an argument of a component chosen in this same table (a trainer
+        argument at the phase level, the selector beside its delta) gets told where it goes."""
+        for key in args:
+            if key in cls.model_fields:
+                continue
+            for name, value in args.items():
+                if isinstance(value, ComponentChoice) and key in type(value.params).model_fields:
+                    table = format_key((*where, name))
+                    raise RecipeError(
+                        f"unknown key '{key}': it is an argument of {value.kind} '{value.name}'; "
+                        f"put it in that table ({table} = {{ name = \"{value.name}\", {key} = ... }})",
+                        source=self.layers.source_of((*where, key)),
+                        key=format_key((*where, key)),
+                    )
+
+    def many(self, slot, value: Any, where: KeyPath) -> tuple[ComponentChoice, ...]:
+        if not isinstance(value, list):
             raise RecipeError(
-                f"unknown key '{key}'{owner}{did_you_mean(key, valid)}",
-                source=layers.source_of((*where, key)),
-                key=format_key((*where, key)),
+                f"expected an array of {slot.kind} components (got {_describe_input(value)})",
+                source=self.layers.source_of(where), key=format_key(where),
             )
-    core = validate(PhaseParams, core_raw, where, layers)
-    trainer = _component("trainer", {"name": core.trainer, **extra}, where, layers, plugins)
-    scheduler = _component("scheduler", core.scheduler, (*where, "scheduler"), layers, plugins)
-    losses = tuple(
-        _component("loss", spec, (*where, "losses", i), layers, plugins, with_weight=True)
-        for i, spec in enumerate(core.losses)
-    )
-    return Phase(index, core, trainer, scheduler, losses)
+        return tuple(self.component(slot.kind, v, (*where, i), weighted=slot.weighted) for i, v in enumerate(value))
+
+    def component(self, kind: str, spec: Any, where: KeyPath, *, weighted: bool = False) -> ComponentChoice:
+        """Resolve ``"name"`` or ``{name = "...", arg = ...}`` against the ``kind`` registry."""
+        layers, plugins = self.layers, self.plugins
+        source = layers.source_of(where)
+        key = format_key(where)
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict):
+            raise RecipeError(f"expected a {kind} name or a table with 'name'", source=source, key=key)
+        args = dict(spec)
+        name = args.pop("name", None)
+        if not isinstance(name, str):
+            raise RecipeError(f"missing the {kind} 'name'", source=source, key=key)
+        registry = plugins.registries[kind]
+        if name not in registry:
+            hint = did_you_mean(name, registry.names())
+            raise RecipeError(
+                f"unknown {kind} '{name}'{hint}; {available(registry.names())}{plugins.broken_note()}",
+                source=layers.source_of((*where, "name")),
+                key=format_key((*where, "name")),
+            )
+        weight = None
+        if weighted:
+            weight = self.weight(args.pop("weight", 1.0), (*where, "weight"))
+        found = registry.get(name)
+        params = self.params(found.params, args, where)
+        return ComponentChoice(kind, name, params, weight, found)
+
+    def weight(self, value: Any, where: KeyPath) -> float | ComponentChoice:
+        """A loss weight: a number >= 0, or a scalar schedule (``{ name = "linear", ... }``)."""
+        if isinstance(value, (dict, str)) and not isinstance(value, bool):
+            return self.component("schedule", value, where)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise RecipeError(
+                f"weight must be a number >= 0 or a schedule table (got {_describe_input(value)})",
+                source=self.layers.source_of(where),
+                key=format_key(where),
+            )
+        return float(value)
 
 
 def _plugin_settings(raw: dict[str, Any], layers: Layers, plugins: PluginSet) -> tuple[dict[str, Params], tuple[str, ...]]:
@@ -234,60 +241,50 @@ def _plugin_settings(raw: dict[str, Any], layers: Layers, plugins: PluginSet) ->
 
 def resolve(layers: Layers, plugins: PluginSet) -> Recipe:
     """Validate merged recipe data against the schema and the registries."""
-    top = validate(RecipeParams, layers.data, (), layers)
-    srde_raw: SRDEParams = top.srde
-    srde = SRDEChoice(
-        projections=tuple(dict.fromkeys(srde_raw.projections)),
-        layout=_component("layout", srde_raw.layout, ("srde", "layout"), layers, plugins),
-        delta=_component("delta", srde_raw.delta, ("srde", "delta"), layers, plugins),
-        selector=_component("selector", srde_raw.selector, ("srde", "selector"), layers, plugins),
-    )
-    phases = tuple(_phase(i, raw, layers, plugins) for i, raw in enumerate(top.phases))
-    names = [p.core.name for p in phases]
+    resolver = _Resolver(layers, plugins)
+    raw = dict(layers.data)
+    raw_plugins = raw.pop("plugins", {})
+    if not isinstance(raw_plugins, dict):
+        raise RecipeError("expected a table", source=layers.source_of(("plugins",)), key="plugins")
+    top = resolver.params(RecipeParams, raw, ())
+    phases = tuple(Phase(i, core) for i, core in enumerate(top.phases))
+    names = [p.name for p in phases]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise RecipeError(f"duplicate phase name '{name}'", source=layers.source_of(("phases", i, "name")), key=format_key(("phases", i, "name")))
-    settings, required = _plugin_settings(top.plugins, layers, plugins)
+    settings, required = _plugin_settings(raw_plugins, layers, plugins)
     from srde_core.plugins import require_healthy
 
     require_healthy(plugins, list(required), source=layers.source_of(("plugins", "require")))
-    resolved = top.model_dump(mode="json")
-    resolved["srde"] = {
-        "projections": list(srde.projections),
-        "layout": srde.layout.describe(),
-        "delta": srde.delta.describe(),
-        "selector": srde.selector.describe(),
-    }
-    resolved["phases"] = [_describe_phase(p) for p in phases]
+    resolved = describe_params(top)
     resolved["plugins"] = {"require": list(required), **{k: v.model_dump(mode="json") for k, v in settings.items()}}
     return Recipe(
         path=layers.top,
         top=top,
-        model=top.model,
-        srde=srde,
         phases=phases,
-        eval=top.eval,
         plugin_settings=types.MappingProxyType(settings),
         required_plugins=required,
         resolved=resolved,
+        base_dir=layers.base_dir,
     )
 
 
-def _describe_phase(phase: Phase) -> dict[str, Any]:
-    data = phase.core.model_dump(mode="json")
-    data.update(phase.trainer.params.model_dump(mode="json"))
-    data["scheduler"] = phase.scheduler.describe()
-    data["losses"] = [{**loss.describe(), "weight": loss.weight} for loss in phase.losses]
-    return data
+def resolve_component(plugins: PluginSet, kind: str, spec: Any, *, source: str = "<python>") -> ComponentChoice:
+    """Resolve one component spec (``"name"`` or ``{"name": ..., **args}``) as a recipe would."""
+    layers = Layers(Path(source))
+    return _Resolver(layers, plugins).component(kind, spec, ())
 
 
 def load_recipe(path: str | Path, plugins: PluginSet, overrides: list[str] = ()) -> Recipe:
-    """Read, merge, override and validate a recipe file."""
-    return resolve(read_layers(Path(path), list(overrides)), plugins)
+    """Read, merge, override and validate a recipe file or a shipped preset (``srde:max``)."""
+    return resolve(read_layers(path, list(overrides)), plugins)
 
 
-def recipe_from_resolved(data: dict[str, Any], path: str | Path, plugins: PluginSet) -> Recipe:
-    """Rebuild a :class:`Recipe` from its ``resolved`` form (as saved in a run directory)."""
-    layers = Layers(Path(path))
+def recipe_from_resolved(data: dict[str, Any], path: str | Path, plugins: PluginSet, base_dir: str | Path | None = None) -> Recipe:
+    """Rebuild a :class:`Recipe` from its ``resolved`` form (as saved in a run directory).
+
+    ``base_dir`` is the directory relative data paths were resolved against when the run started.
+    """
+    layers = Layers(Path(path), Path(base_dir) if base_dir is not None else None)
     layers.merge(data, f"{path} (saved run recipe)")
     return resolve(layers, plugins)

@@ -1,21 +1,21 @@
 """The recipe's sections: field types, defaults, ranges and help in one place.
 
 Sections that belong to a subsystem (``[data]``, ``[tokenizer]``) are declared next to it and
-imported here. A component field (``layout``, ``scheduler``, a loss) holds either the component's
-name or a table with ``name`` and its arguments; those are resolved against the registries.
+imported here. A component field (``engine``, ``layout``, a phase's ``trainer``, a loss) holds
+either the component's name or a table with ``name`` and its arguments; those are resolved against
+the registries (:func:`srde_core.params.component`), arguments nested under the choice.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from srde_core.data.params import DataParams, TokenizerParams
-from srde_core.params import Params
-
-ComponentSpec = str | dict[str, Any]
-Projection = Literal["gate_proj", "up_proj", "down_proj"]
+from srde_core.model.projections import check_projections
+from srde_core.params import Params, component
+from srde_core.registry import ComponentChoice
 
 
 class ModelParams(Params):
@@ -34,21 +34,27 @@ class ModelParams(Params):
 
 
 class SRDEParams(Params):
-    projections: list[Projection] = Field(
+    projections: list[str] = Field(
         default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
-        min_length=1,
-        description="MLP projections that get expert deltas",
+        description="MLP projections that get expert deltas (gate_proj, up_proj, down_proj)",
     )
-    layout: ComponentSpec = Field("uniform", description="layout component: which layers, how many experts")
-    delta: ComponentSpec = Field("sparse", description="delta type component")
-    selector: ComponentSpec = Field("magnitude", description="selector component (for deltas that use one)")
+    layout: ComponentChoice = component("layout", "uniform", "which layers get experts, how many, top-k")
+    delta: ComponentChoice = component("delta", "sparse", "how an expert changes a weight (its selector nested)")
+    router: ComponentChoice = component("router", "topk", "token -> experts: top-k and gate normalisation")
+    combine: ComponentChoice = component("combine", "weighted_sum", "how a token's k expert terms combine")
+
+    @field_validator("projections")
+    @classmethod
+    def _projections(cls, value: list[str]) -> tuple[str, ...]:
+        return check_projections(value)
 
 
 class PhaseParams(Params):
-    """The keys every phase has; any other key of a phase is an argument of its trainer."""
+    """The keys of a ``[[phases]]`` table (a trainer's own arguments go in its ``trainer`` table)."""
 
     name: str = Field(min_length=1, description="phase name (unique; used in checkpoints and logs)")
-    trainer: str = Field(description="trainer component")
+    trainer: ComponentChoice = component("trainer", description="what the phase does; its arguments nested here", required=True)
+    sampler: ComponentChoice = component("sampler", "shuffled", "which examples make each step's global batch")
     steps: int = Field(ge=1, description="optimiser steps")
     batch_size: int = Field(16, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
@@ -58,10 +64,18 @@ class PhaseParams(Params):
     beta2: float = Field(0.999, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="autocast: auto = bf16 on capable GPUs")
-    scheduler: ComponentSpec = Field("warmup_cosine", description="LR schedule component")
-    losses: list[ComponentSpec] = Field(
-        default_factory=lambda: ["lm"], min_length=1, description="loss components, each with an optional weight"
+    scheduler: ComponentChoice = component("scheduler", "warmup_cosine", "LR schedule component")
+    losses: tuple[ComponentChoice, ...] = component(
+        "loss", ["lm"], "loss components, each with an optional weight (a number or a schedule)",
+        many=True, weighted=True,
     )
+    @field_validator("losses")
+    @classmethod
+    def _some_loss(cls, value: tuple) -> tuple:
+        if not value:
+            raise ValueError("a phase needs at least one loss")
+        return value
+
     log_every: int = Field(10, ge=1, description="steps between metric lines")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per phase")
@@ -82,11 +96,12 @@ class RecipeParams(Params):
     output_dir: str = Field("runs", description="where run directories go (relative to the working directory)")
     cache_dir: str = Field(".cache/srde", description="data, tokenisation and base-model caches")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: ComponentChoice = component("engine", "torch", "training engine: torch, ddp, deepspeed, ...")
     model: ModelParams = Field(default_factory=ModelParams)
     tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
     data: DataParams
     srde: SRDEParams = Field(default_factory=SRDEParams)
-    phases: list[dict[str, Any]] = Field(min_length=1, description="[[phases]] tables, run in order")
+    phases: list[PhaseParams] = Field(min_length=1, description="[[phases]] tables, run in order")
     eval: EvalParams = Field(default_factory=EvalParams)
     plugins: dict[str, Any] = Field(
         default_factory=dict, description="`require = [...]` and one [plugins.NAME] table per plugin setting"

@@ -1,10 +1,13 @@
-"""Checkpoints: complete, atomic, resumable.
+"""Checkpoints: complete, atomic, resumable, written by every process of a run.
 
-One directory per checkpoint, ``<phase>-step<N>``, holding ``model.safetensors`` (the phase's
-trainable module state) and ``trainer.pt`` (engine = optimiser + LR schedule, RNG states, step,
-plugin state, format version). It is written to a temporary directory and renamed into place, so a
-killed run never leaves a half-written checkpoint. The last ``keep`` checkpoints of a phase are
-kept; the final checkpoint of a finished phase is always kept (resuming a later phase needs it).
+One directory per checkpoint, ``<phase>-step<N>``, holding what the engine session writes (the
+phase's trainable module state and optimiser: ``model.safetensors`` + ``engine.pt`` for the torch
+and ddp engines, shards for sharded engines), ``rng-<rank>.pt`` (each process's RNG states) and
+``trainer.pt`` (step, metrics, schedule and plugin state, format version). It is written to a
+temporary directory and renamed into place by the main process once every process has written its
+part, so a killed run never leaves a half-written checkpoint. The last ``keep`` checkpoints of a
+phase are kept; the final checkpoint of a finished phase is always kept (resuming a later phase
+needs it).
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
+from srde_core.dist import SINGLE, Dist
+
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^(?P<phase>.+)-step(?P<step>\d+)$")
 
 
@@ -32,15 +38,24 @@ class Checkpoint:
     phase: str
     step: int
 
-    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(module state, trainer state)."""
+    def load(self, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(trainer state, this process's RNG state or None)."""
+        from srde_core.errors import SRDEError
+
         state = torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=False)
         version = state.get("format_version", 0)
         if version > FORMAT_VERSION:
-            raise ValueError(f"{self.path}: checkpoint format {version} is newer than this srde ({FORMAT_VERSION})")
+            raise SRDEError(f"checkpoint format {version} is newer than this srde reads ({FORMAT_VERSION})", source=str(self.path))
         if version < FORMAT_VERSION:
-            warnings.warn(f"{self.path}: old checkpoint format {version}; loading what it has", stacklevel=2)
-        return load_file(self.path / "model.safetensors"), state
+            raise SRDEError(
+                f"checkpoint format {version} is older than this srde reads ({FORMAT_VERSION}); start the run again with --fresh",
+                source=str(self.path),
+            )
+        rng_file = self.path / f"rng-{rank}.pt"
+        rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+        if rng is None:
+            warnings.warn(f"{self.path}: no RNG state for process {rank}; continuing with the current one", stacklevel=2)
+        return state, rng
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -90,18 +105,38 @@ class CheckpointStore:
         found = self.list(phase)
         return found[-1] if found else None
 
-    def save(self, phase: str, step: int, module_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], *, keep: int, final_step: int) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(
+        self,
+        phase: str,
+        step: int,
+        write: Callable[[Path], None],
+        trainer_state: dict[str, Any],
+        *,
+        keep: int,
+        final_step: int,
+        dist: Dist = SINGLE,
+    ) -> Path:
+        """Write one checkpoint; called on every process. ``write(directory)`` stores the engine's
+        part (each process its own), then every process its RNG state and the main process
+        ``trainer_state``; the main process renames the directory into place."""
         target = self.root / f"{phase}-step{step:07d}"
-        tmp = self.root / f".tmp-{target.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_tensors(module_state, tmp / "model.safetensors")
-        torch.save({**trainer_state, "format_version": FORMAT_VERSION, "phase": phase, "step": step}, tmp / "trainer.pt")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        self._prune(phase, keep, final_step)
+        tmp = self.root / f".tmp-{target.name}"
+        if dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        write(tmp)
+        torch.save(rng_state(), tmp / f"rng-{dist.rank}.pt")
+        if dist.is_main:
+            torch.save({**trainer_state, "format_version": FORMAT_VERSION, "phase": phase, "step": step}, tmp / "trainer.pt")
+        dist.barrier()
+        if dist.is_main:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            self._prune(phase, keep, final_step)
+        dist.barrier()
         return target
 
     def _prune(self, phase: str, keep: int, final_step: int) -> None:

@@ -1,42 +1,57 @@
-"""The training engine: backward, clipping, optimiser and LR-schedule steps, mixed precision.
+"""Engines: the ``engine`` component kind, and the plain PyTorch engine every other one builds on.
 
-Trainers never call ``optimizer.step()`` themselves; they go through an engine obtained from the
-``srde_training_engine`` hook, so DeepSpeed (or anything else) can replace :class:`TorchEngine`.
+An :class:`Engine` is picked once per run (``engine = "torch"`` / ``"ddp"`` / ``"deepspeed"`` in the
+recipe). It sets up the processes and devices, may wrap model construction (ZeRO-3 partitions
+parameters as they are created), makes partitioned parameters readable on demand, and for each
+training phase starts an :class:`EngineSession` from the phase's :class:`OptimizerSpec`: the
+session owns the forward module, backward, clipping, the optimiser and LR schedule, mixed
+precision, and the checkpoint I/O of what it trains (a sharded engine saves shards from every
+process). Trainers never call ``optimizer.step()`` themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from srde_core.model.components import Remap
+    from srde_core.train.driver import TrainingTarget
 
-class Engine(ABC):
-    """What a trainer needs from an engine."""
 
-    @abstractmethod
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Context for the forward pass (mixed precision)."""
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimiser and LR schedule of a phase, described once; every engine builds from it.
 
-    @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of ``loss`` (already divided by the accumulation count)."""
+    AdamW with ``lr``, ``betas``, ``weight_decay``; ``schedule(step)`` multiplies ``lr`` at
+    optimiser step ``step`` (0-based); gradients are clipped to ``max_grad_norm`` (None: no
+    clipping); ``precision`` is the phase's autocast choice.
+    """
 
-    @abstractmethod
-    def step(self) -> dict[str, float]:
-        """Clip, step optimiser and LR schedule, zero gradients; return ``{"lr", "grad_norm"}``."""
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    max_grad_norm: float | None
+    schedule: Callable[[int], float]
+    precision: str = "auto"
 
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Optimiser and schedule state for checkpoints."""
-
-    @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+    @classmethod
+    def from_phase(cls, phase: Any) -> OptimizerSpec:
+        return cls(
+            lr=phase.lr,
+            weight_decay=phase.weight_decay,
+            betas=(phase.beta1, phase.beta2),
+            max_grad_norm=phase.max_grad_norm or None,  # 0 disables clipping
+            schedule=phase.scheduler.build(total_steps=phase.steps),
+            precision=phase.precision,
+        )
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -54,32 +69,113 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-class TorchEngine(Engine):
-    """Plain PyTorch: AdamW over the given parameters, ``LambdaLR`` with the recipe's schedule."""
+class BackboneForward(nn.Module):
+    """The forward a trainer needs: token ids -> the backbone's final hidden state ``[B, S, H]``.
 
-    def __init__(
-        self,
-        parameters: Iterable[nn.Parameter],
-        *,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        max_grad_norm: float | None,
-        schedule: Callable[[int], float],
-        device: torch.device,
-        precision: str,
-    ):
-        self.parameters = [p for p in parameters if p.requires_grad]
+    The LM head is applied by the losses, only where they need logits. Engines wrap this module
+    (DistributedDataParallel, DeepSpeed) so gradients are synchronised.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+
+class EngineSession(ABC):
+    """One phase's training state in an engine."""
+
+    #: Call as ``session.forward(input_ids=..., attention_mask=...)`` -> hidden states.
+    forward: nn.Module
+
+    @abstractmethod
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass (mixed precision)."""
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context around one micro-batch's forward and backward; ``last`` before the optimiser
+        step (data-parallel engines synchronise gradients only then)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` (already divided by the accumulation count)."""
+
+    @abstractmethod
+    def step(self) -> dict[str, float]:
+        """Clip, step optimiser and LR schedule, zero gradients; return ``{"lr", "grad_norm"}``."""
+
+    @abstractmethod
+    def save(self, directory: Path, *, is_main: bool) -> None:
+        """Write what this session trains (module state and optimiser) into ``directory``.
+
+        Called on every process; a replicated engine writes from the main process only, a sharded
+        one writes each process's shard.
+        """
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote (on every process)."""
+
+    def remap(self, remaps: list[Remap]) -> None:
+        """Parameters moved (a bank changed its positions): move their optimiser state along."""
+
+    def close(self) -> None:
+        """The phase is over: release what the session holds."""
+
+
+class Engine(ABC):
+    """The ``engine`` component: picked once per run."""
+
+    def setup(self, run: Any) -> torch.device:
+        """Join the processes of the run (``run.dist``) and return this process's device."""
+        run.dist.init(run.device.type)
+        return run.device
+
+    def model_init_context(self) -> contextlib.AbstractContextManager:
+        """Entered while the base model is constructed (see the ``srde_model_init_context`` hook)."""
+        return contextlib.nullcontext()
+
+    def gather(self, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """A context in which ``tensors`` (parameters, possibly partitioned) are readable in full."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def full_state(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+        """``module``'s complete state dict (gathered where partitioned), for adapter export.
+        Entered on every process; the main process writes it."""
+        with self.gather(list(module.parameters())):
+            yield {name: t.detach() for name, t in module.state_dict().items()}
+
+    @abstractmethod
+    def start(self, target: TrainingTarget, spec: OptimizerSpec, run: Any) -> EngineSession:
+        """A session that trains ``target.parameters`` of ``target.model`` as ``spec`` says."""
+
+
+class TorchSession(EngineSession):
+    """Plain PyTorch: AdamW over the trainable parameters, ``LambdaLR`` with the spec's schedule."""
+
+    def __init__(self, target: TrainingTarget, spec: OptimizerSpec, device: torch.device):
+        self.target = target
+        self.parameters = [p for p in target.parameters if p.requires_grad]
         if not self.parameters:
             raise ValueError("no trainable parameters")
         self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=lr, weight_decay=weight_decay, betas=betas,
+            self.parameters, lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas,
             foreach=device.type != "cpu" or None,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.max_grad_norm = max_grad_norm
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, spec.schedule)
+        self.max_grad_norm = spec.max_grad_norm
         self.device = device
-        self.dtype = autocast_dtype(precision, device)
+        self.dtype = autocast_dtype(spec.precision, device)
+        self.forward = self.wrap(BackboneForward(target.model))
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module the trainer calls (data-parallel sessions wrap it)."""
+        return module
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -101,9 +197,65 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return {"lr": lr, "grad_norm": grad_norm}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def save(self, directory: Path, *, is_main: bool) -> None:
+        if not is_main:
+            return
+        from srde_core.train.checkpoints import save_tensors
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+        save_tensors(self.target.get_state(), directory / "model.safetensors")
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, directory / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.target.set_state(load_file(directory / "model.safetensors", device=str(self.device)))
+        state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    @torch.no_grad()
+    def remap(self, remaps: list[Remap]) -> None:
+        for remap in remaps:
+            state = self.optimizer.state.pop(remap.old, None)
+            if remap.new is not remap.old:
+                self._replace(remap.old, remap.new)
+            if state is None:
+                continue
+            moved = {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == remap.old.shape:
+                    fresh = torch.zeros(remap.new.shape, dtype=value.dtype, device=value.device)
+                    kept = remap.index >= 0
+                    source = torch.gather(value, -1, remap.index.clamp(min=0))
+                    moved[key] = torch.where(kept, source, fresh)
+                else:
+                    moved[key] = value
+            self.optimizer.state[remap.new] = moved
+
+    def _replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        for group in self.optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        self.parameters = [new if p is old else p for p in self.parameters]
+
+
+class TorchEngine(Engine):
+    """One process, plain PyTorch (the default ``torch`` engine)."""
+
+    def __init__(self, params: Any = None):
+        self.params = params
+        self.device = torch.device("cpu")
+
+    def setup(self, run: Any) -> torch.device:
+        if run.dist.distributed:
+            from srde_core.errors import SRDEError
+
+            raise SRDEError(
+                f"engine 'torch' trains in one process, but {run.dist.world_size} were launched; "
+                "use engine = \"ddp\" (or \"deepspeed\") for several", key="engine"
+            )
+        self.device = super().setup(run)
+        return self.device
+
+    def start(self, target: TrainingTarget, spec: OptimizerSpec, run: Any) -> EngineSession:
+        return TorchSession(target, spec, run.device)

@@ -1,50 +1,99 @@
-"""The weighted sum of a phase's losses over one model forward."""
+"""The supervised objective (the weighted sum of a phase's losses over one forward) and the
+supervised step function built on it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from srde_core.model.context import ForwardContext
+from srde_core.registry import ComponentChoice
+from srde_core.train.driver import StepContext, StepFn
+from srde_core.train.engine import EngineSession
 from srde_core.train.losses import LossInputs
-from srde_core.train.loop import LossFn
 
 
-def build_objective(run, phase, model: torch.nn.Module, routers: Sequence[torch.nn.Module] = ()) -> LossFn:
-    """A loss function for ``phase``: forward ``model``, then sum ``weight * loss`` over the recipe's losses.
+class Objective:
+    """``objective(batch, step, session) -> (loss, parts)``: forward through the engine session,
+    then ``sum(weight * loss)`` over the phase's losses.
 
     The forward stops at the backbone's final hidden state; losses apply the LM head where they
-    need logits. Each loss's unweighted value is reported under its registry name.
+    need logits. With experts attached, the forward runs in a :class:`ForwardContext` carrying the
+    batch's domain ids (and difficulty, where the data has it), which plugins may extend
+    (``srde_forward_context``); the routings come back through it. Each loss's unweighted value is
+    reported under its registry name. A weight that is a schedule is evaluated at the step;
+    :attr:`schedules` are the built ones (checkpointed by the driver).
     """
-    losses = [(choice.name, choice.weight, run.build(choice)) for choice in phase.losses]
-    num_domains = len(run.data.domains)
-    backbone, lm_head = model.base_model, model.get_output_embeddings()
 
-    def objective(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        inputs = LossInputs(
-            hidden=out.last_hidden_state,
-            lm_head=lm_head,
-            labels=batch["labels"],
-            batch=batch,
-            routings=[r.last for r in routers if r.last is not None],
-            num_domains=num_domains,
+    def __init__(self, run: Any, phase: Any, model: torch.nn.Module, experts: Any = None):
+        self.run, self.phase, self.experts = run, phase, experts
+        self.losses = [(choice.name, self._weight(choice), choice.build()) for choice in phase.losses]
+        self.schedules = {
+            f"loss_weight.{name}": weight for name, weight, _ in self.losses if not isinstance(weight, float)
+        }
+        self.num_domains = len(run.data.domains)
+        self.lm_head = model.get_output_embeddings()
+
+    @staticmethod
+    def _weight(choice: ComponentChoice) -> Any:
+        return choice.weight.build() if isinstance(choice.weight, ComponentChoice) else float(choice.weight)
+
+    def context_for(self, batch: dict[str, torch.Tensor]) -> ForwardContext:
+        context = ForwardContext(domain_ids=batch.get("domain_ids"), difficulty=batch.get("difficulty"))
+        self.run.hook.srde_forward_context(context=context, batch=batch, phase=self.phase, run=self.run)
+        return context
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int, session: EngineSession) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        context = None
+        if self.experts is not None:
+            context = self.context_for(batch)
+            with self.experts.forward_context(context):
+                hidden = session.forward(**inputs)
+        else:
+            hidden = session.forward(**inputs)
+        routings = context.ordered_routings() if context is not None else []
+        loss_inputs = LossInputs(
+            hidden=hidden, lm_head=self.lm_head, labels=batch["labels"], batch=batch, routings=routings,
+            num_domains=self.num_domains, context=context, step=step, dist=self.run.dist,
         )
         total = None
-        parts: dict[str, float] = router_statistics(inputs.routings) if inputs.routings else {}
-        for name, weight, loss in losses:
-            value = loss(inputs)
+        parts: dict[str, float] = router_statistics(routings) if routings else {}
+        for name, weight, loss in self.losses:
+            value = loss(loss_inputs)
             parts[name] = float(value.detach())
-            term = weight * value
+            factor = weight if isinstance(weight, float) else weight.value(step, self.phase.steps)
+            if not isinstance(weight, float):
+                parts[f"{name}_weight"] = factor
+            term = factor * value
             total = term if total is None else total + term
         return total, parts
 
-    return objective
+
+def supervised_step(objective: Objective) -> StepFn:
+    """One optimiser step over ``grad_accum`` micro-batches of the objective."""
+
+    def step(ctx: StepContext) -> dict[str, Any]:
+        accum = ctx.phase.grad_accum
+        sums: dict[str, float] = {}
+        tokens = 0
+        for last, batch in ctx.micro_batches():
+            with ctx.session.micro_step(last):
+                with ctx.session.autocast():
+                    loss, parts = objective(batch, ctx.step, ctx.session)
+                ctx.session.backward(loss / accum)
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / accum
+            tokens += int(batch["attention_mask"].sum())
+        return {**sums, **ctx.session.step(), "tokens": tokens}
+
+    return step
 
 
 def router_statistics(routings) -> dict[str, float]:
     """Logging only: the busiest expert's share of routed slots and the routing entropy (nats),
-    averaged over SRDE layers. Read from each router's last routing, so recomputation under
+    averaged over SRDE layers. Read from the forward context's routings, so recomputation under
     gradient checkpointing cannot count anything twice."""
     with torch.no_grad():
         max_load = torch.stack([r.load().max() for r in routings]).mean()

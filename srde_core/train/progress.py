@@ -18,11 +18,12 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 
 class PhaseProgress:
-    def __init__(self, console, phase_name: str, start: int, total: int):
+    def __init__(self, console, phase_name: str, start: int, total: int, *, enabled: bool = True):
         self.console = console
         self.phase_name = phase_name
         self.total = total
-        self.live = console.is_terminal
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
         self._progress = None
         if self.live:
             self._progress = Progress(
@@ -50,7 +51,7 @@ class PhaseProgress:
         if self._progress is not None:
             fields = {"summary": _summary(metrics)} if metrics else {}
             self._progress.update(self._task, completed=step, **fields)
-        elif metrics is not None:
+        elif metrics is not None and self.enabled:
             self.console.print(
                 f"{self.phase_name} {step}/{self.total}  {_summary(metrics)}  ETA {eta_s:.0f}s", highlight=False
             )

@@ -11,21 +11,23 @@ Values start at 0, so an untrained bank leaves the base model unchanged. Importa
 position can become more or less important from the first steps on). Training updates ``values``
 and ``importance``; the positions are a buffer saved with the adapter.
 
-The bank is :class:`srde_plugins.sparse_bank.SparseDeltaBank`; the routed product runs through
-per-expert CSR kernels (:mod:`srde_plugins.sparse_kernels`).
+The positions come from a selector, nested in the delta's table:
+``delta = { name = "sparse", density = 0.01, selector = { name = "magnitude" } }``. This package
+also registers the position selectors ``magnitude`` (largest |W|) and ``random``.
+
+Layout of the family: this module registers (no torch); :mod:`.bank` holds the bank,
+:mod:`.kernels` the per-expert CSR kernels and :mod:`.selectors` the selectors.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal
 
 from pydantic import Field
 
 from srde_core.hookspecs import hookimpl
-from srde_core.params import Params
-
-if TYPE_CHECKING:  # torch is imported when the delta type is built, not when plugins are listed
-    from srde_plugins.sparse_bank import SparseDelta
+from srde_core.params import NoParams, Params, component
+from srde_core.registry import ComponentChoice
 
 
 class SparseDeltaParams(Params):
@@ -47,21 +49,35 @@ class SparseDeltaParams(Params):
             "(faster; saves top_k copies of each projection's input). False gathers it again"
         ),
     )
+    selector: ComponentChoice = component("selector", "magnitude", "which positions each expert owns")
 
 
-def make_sparse_delta(params: SparseDeltaParams, **_context) -> SparseDelta:
-    """Per-expert deltas on selected weight positions: value x sigmoid(importance)."""
-    from srde_plugins.sparse_bank import SparseDelta
+class MagnitudeSelectorParams(Params):
+    """Arguments of the ``magnitude`` selector."""
 
-    return SparseDelta(params)
+    assignment: Literal["shared", "interleaved"] = Field(
+        "shared",
+        description=(
+            "'shared': every expert gets the same top-|W| positions (experts differ in their "
+            "values only); 'interleaved': the top num_experts*count positions are dealt out by "
+            "rank (rank r goes to expert r mod num_experts), so experts are disjoint and each "
+            "gets a similar magnitude profile"
+        ),
+    )
 
 
 @hookimpl
 def srde_register(registry):
+    here = "srde_plugins.deltas.sparse"
     registry.add(
-        "delta",
-        "sparse",
-        make_sparse_delta,
-        SparseDeltaParams,
+        "delta", "sparse", f"{here}.bank:SparseDelta", SparseDeltaParams,
         "Per-expert deltas at selector-chosen weight positions: value x sigmoid(importance).",
+    )
+    registry.add(
+        "selector", "magnitude", f"{here}.selectors:MagnitudeSelector.from_params", MagnitudeSelectorParams,
+        "Positions of the largest |W|: shared by all experts, or dealt out by rank (interleaved).",
+    )
+    registry.add(
+        "selector", "random", f"{here}.selectors:RandomSelector.from_params", NoParams,
+        "Uniformly random positions per expert, drawn from the run's seeded generator.",
     )

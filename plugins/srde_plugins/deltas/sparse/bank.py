@@ -1,14 +1,13 @@
-"""The bank of the ``sparse`` delta type (registered by `sparse_delta`): E sparse deltas of one weight."""
+"""The bank of the ``sparse`` delta type: E sparse deltas of one weight."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from srde_core.model.components import DeltaBank, DeltaType, Selector
-from srde_core.model.routing import Routing
-from srde_plugins.sparse_delta import SparseDeltaParams
-from srde_plugins.sparse_kernels import CSRStructure, build_csr_structure, routed_sparse_delta
+from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Selector
+from srde_plugins.deltas.sparse import SparseDeltaParams
+from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
 
 
 def position_count(density: float, out_features: int, in_features: int) -> int:
@@ -21,11 +20,12 @@ class SparseDeltaBank(DeltaBank):
     """``E`` sparse deltas of one ``(out, in)`` weight.
 
     Buffers: ``positions`` ``[E, P]`` (long, flat row-major indices, sorted per expert; saved with
-    the adapter) and the derived CSR index structures (not saved; rebuilt from ``positions``).
-    Parameters: ``values`` and ``importance``, ``[E, P]``, aligned with ``positions``.
+    the adapter), ``active`` ``[E, P]`` (bool: the entries in use, see
+    :meth:`set_active_fraction`; saved) and the derived CSR index structures (not saved; rebuilt
+    from ``positions``). Parameters: ``values`` and ``importance``, ``[E, P]``, aligned with
+    ``positions``. The selector that chose the positions is kept as the submodule ``selector``
+    when it owns state (a learned selector trains and saves with the bank).
     """
-
-    trainable_names = ("values", "importance")
 
     def __init__(
         self,
@@ -35,6 +35,7 @@ class SparseDeltaBank(DeltaBank):
         *,
         init_importance: float = 0.0,
         cache_inputs: bool = True,
+        selector: Selector | None = None,
     ):
         super().__init__()
         positions = _checked_positions(positions, out_features * in_features)
@@ -44,10 +45,17 @@ class SparseDeltaBank(DeltaBank):
         self.init_importance = init_importance
         self.cache_inputs = cache_inputs
         self.register_buffer("positions", positions)
+        self.register_buffer("active", torch.ones(positions.shape, dtype=torch.bool, device=positions.device))
         self.values = nn.Parameter(torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
         self.importance = nn.Parameter(
             torch.full(positions.shape, float(init_importance), dtype=torch.float32, device=positions.device)
         )
+        owns_state = selector is not None and any(True for _ in selector.state_dict())
+        self.selector = selector if owns_state else None
+        self.trainable_names = ("values", "importance") + (
+            tuple(f"selector.{name}" for name in selector.trainable_names) if owns_state else ()
+        )
+        self._masked = False
         self._register_structure()
 
     @property
@@ -56,8 +64,37 @@ class SparseDeltaBank(DeltaBank):
         return self.positions.shape[1]
 
     def effective_values(self) -> torch.Tensor:
-        """``values * sigmoid(importance)``, ``[E, P]``: the non-zeros of every expert's delta."""
-        return self.values * torch.sigmoid(self.importance)
+        """``values * sigmoid(importance)`` (0 where inactive), ``[E, P]``: every expert's non-zeros."""
+        values = self.values * torch.sigmoid(self.importance)
+        return values * self.active if self._masked else values
+
+    def entry_positions(self) -> torch.Tensor:
+        return self.positions
+
+    @property
+    def active_fraction(self) -> float:
+        return float(self.active.float().mean()) if self._masked else 1.0
+
+    @torch.no_grad()
+    def set_active_fraction(self, fraction: float) -> None:
+        """Keep, per expert, the ``round(fraction * P)`` entries of largest
+        ``sigmoid(importance) * |value|`` (at least one) and mask the others to zero.
+
+        Masked entries keep their parameters (a larger fraction later brings them back) and get
+        no gradient. 1.0 removes the mask.
+        """
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if fraction >= 1.0:
+            self.active.fill_(True)
+            self._masked = False
+            return
+        keep = max(1, round(fraction * self.count))
+        score = torch.sigmoid(self.importance) * self.values.abs()
+        top = torch.topk(score, keep, dim=1).indices
+        self.active.zero_()
+        self.active.scatter_(1, top, True)
+        self._masked = True
 
     def structure(self) -> CSRStructure:
         """The CSR index structures of the current positions (on the bank's device)."""
@@ -71,8 +108,8 @@ class SparseDeltaBank(DeltaBank):
             in_features=self.in_features,
         )
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        groups = routing.groups()
+    def forward(self, x: torch.Tensor, call: BankCall) -> torch.Tensor:
+        groups = call.routing.groups()
         return routed_sparse_delta(
             x,
             self.effective_values(),
@@ -81,7 +118,7 @@ class SparseDeltaBank(DeltaBank):
             groups.weights,
             groups.offsets,
             cache_inputs=self.cache_inputs,
-            shared=routing.scratch,
+            shared=call.cache,
         )
 
     def delta_weight(self, expert: int) -> torch.Tensor:
@@ -91,30 +128,45 @@ class SparseDeltaBank(DeltaBank):
         return flat.view(self.out_features, self.in_features)
 
     @torch.no_grad()
-    def set_positions(self, positions: torch.Tensor) -> None:
-        """Move the experts to new positions (a learned selector's new choice).
+    def set_positions(self, positions: torch.Tensor) -> list[Remap]:
+        """Move the experts to new positions ``[E, P']`` (unique and sorted per expert; ``P'`` may
+        differ from the current count: growing or pruning).
 
-        ``positions`` must have the current shape ``[E, P]`` and be unique and sorted per
-        expert. A position an expert keeps keeps its value and importance; a new position starts
-        like a fresh bank (value 0, importance ``init_importance``), so the delta only loses the
-        entries that were dropped. The parameters are updated in place (optimisers keep their
-        references; their per-slot state is not remapped).
+        A position an expert keeps keeps its value, importance and active flag; a new position
+        starts like a fresh bank (value 0, importance ``init_importance``, active), so the delta
+        only loses the entries that were dropped. With the same count the parameters are updated
+        in place; with another count they are replaced. Either way the returned remaps (also sent
+        to the listeners) say where each entry came from, so optimiser state follows it.
         """
         positions = _checked_positions(positions.to(self.positions.device), self.out_features * self.in_features)
-        if positions.shape != self.positions.shape:
-            raise ValueError(f"positions must have shape {tuple(self.positions.shape)}, got {tuple(positions.shape)}")
+        if positions.shape[0] != self.num_experts:
+            raise ValueError(f"positions must have {self.num_experts} rows, got {tuple(positions.shape)}")
         old = self.positions
         # Both rows are sorted: searchsorted finds where each new position sat in the old row.
         slot = torch.searchsorted(old, positions).clamp_(max=old.shape[1] - 1)
         kept = torch.gather(old, 1, slot) == positions
-        new_values = torch.where(kept, torch.gather(self.values, 1, slot), torch.zeros_like(self.values))
-        new_importance = torch.where(
-            kept, torch.gather(self.importance, 1, slot), torch.full_like(self.importance, self.init_importance)
-        )
-        self.values.copy_(new_values)
-        self.importance.copy_(new_importance)
-        self.positions.copy_(positions)
+        index = torch.where(kept, slot, torch.full_like(slot, -1))
+
+        def moved(tensor: torch.Tensor, fresh: float | bool) -> torch.Tensor:
+            return torch.where(kept, torch.gather(tensor, 1, slot), torch.full_like(slot, fresh, dtype=tensor.dtype))
+
+        new_values, new_importance = moved(self.values, 0.0), moved(self.importance, self.init_importance)
+        new_active = moved(self.active, True)
+        remaps = []
+        for name, data in (("values", new_values), ("importance", new_importance)):
+            param = getattr(self, name)
+            if data.shape == param.shape:
+                param.copy_(data)
+                remaps.append(Remap(param, param, index))
+            else:
+                fresh = nn.Parameter(data, requires_grad=param.requires_grad)
+                setattr(self, name, fresh)
+                remaps.append(Remap(param, fresh, index))
+        self.positions = positions
+        self.active = new_active
+        self._masked = not bool(new_active.all())
         self._rebuild_structure()
+        return self.notify_remap(remaps)
 
     def _register_structure(self) -> None:
         s = build_csr_structure(self.positions, self.out_features, self.in_features)
@@ -134,6 +186,7 @@ class SparseDeltaBank(DeltaBank):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # Loading an adapter copies saved positions into the buffer: re-derive the CSR structure.
+        self._masked = not bool(self.active.all())
         self._rebuild_structure()
 
     def extra_repr(self) -> str:
@@ -157,22 +210,13 @@ def _checked_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 class SparseDelta(DeltaType):
-    """Builds :class:`SparseDeltaBank` s at the positions the selector picks."""
-
-    uses_selector = True
+    """Builds :class:`SparseDeltaBank` s at the positions their selector picks (one selector per bank)."""
 
     def __init__(self, params: SparseDeltaParams):
         self.params = params
 
-    def make_bank(
-        self,
-        weight: torch.Tensor,
-        num_experts: int,
-        selector: Selector | None,
-        generator: torch.Generator,
-    ) -> SparseDeltaBank:
-        if selector is None:
-            raise ValueError("the sparse delta type needs a selector")
+    def make_bank(self, weight: torch.Tensor, num_experts: int, generator: torch.Generator) -> SparseDeltaBank:
+        selector = self.params.selector.build()
         out_features, in_features = weight.shape
         count = position_count(self.params.density, out_features, in_features)
         positions = selector.select(weight.detach(), num_experts, count, generator)
@@ -187,4 +231,5 @@ class SparseDelta(DeltaType):
             positions.to(weight.device),
             init_importance=self.params.init_importance,
             cache_inputs=self.params.cache_inputs,
+            selector=selector,
         )

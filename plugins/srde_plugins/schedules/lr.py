@@ -1,4 +1,4 @@
-"""Learning-rate schedules: constant, warmup + cosine, warmup + linear decay.
+"""Learning-rate schedules (registered by :mod:`srde_plugins.schedules`).
 
 A ``scheduler`` factory(params, total_steps) returns ``schedule(step) -> float``, the multiplier
 of the phase's base learning rate at optimiser step ``step`` (0-based).
@@ -9,18 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from pydantic import Field
-
-from srde_core.hookspecs import hookimpl
-from srde_core.params import Params
-
-
-class WarmupParams(Params):
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over this many steps")
-
-
-class DecayParams(WarmupParams):
-    min_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a fraction of the base LR")
+from srde_plugins.schedules import DecayParams, WarmupParams
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -52,10 +41,3 @@ def warmup_cosine(params: DecayParams, total_steps: int) -> Callable[[int], floa
 def warmup_linear(params: DecayParams, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then linear decay to min_ratio of the base learning rate."""
     return _decay(params, total_steps, lambda p: 1.0 - p)
-
-
-@hookimpl
-def srde_register(registry):
-    registry.add("scheduler", "constant", constant, WarmupParams)
-    registry.add("scheduler", "warmup_cosine", warmup_cosine, DecayParams)
-    registry.add("scheduler", "warmup_linear", warmup_linear, DecayParams)

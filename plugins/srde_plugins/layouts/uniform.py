@@ -1,4 +1,4 @@
-"""The `uniform` layout: the same experts and top-k in each chosen decoder layer (see `layouts`)."""
+"""The `uniform` layout: the same experts and top-k in each chosen decoder layer (see :mod:`srde_plugins.layouts`)."""
 
 from __future__ import annotations
 

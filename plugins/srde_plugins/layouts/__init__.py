@@ -6,15 +6,12 @@ A layout decides which decoder layers get experts and which layers share one exp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal, Union
 
 from pydantic import Field, model_validator
 
 from srde_core.hookspecs import hookimpl
 from srde_core.params import Params
-
-if TYPE_CHECKING:  # torch is imported when a layout is built, not when plugins are listed
-    from srde_plugins.uniform_layout import UniformLayout
 
 
 class UniformLayoutParams(Params):
@@ -39,19 +36,12 @@ class UniformLayoutParams(Params):
         return self
 
 
-def make_uniform_layout(params: UniformLayoutParams, **_context) -> UniformLayout:
-    """The same experts and top-k in every chosen layer, optionally one shared bank."""
-    from srde_plugins.uniform_layout import UniformLayout
-
-    return UniformLayout(params)
-
-
 @hookimpl
 def srde_register(registry):
     registry.add(
         "layout",
         "uniform",
-        make_uniform_layout,
+        "srde_plugins.layouts.uniform:UniformLayout",
         UniformLayoutParams,
         "The same num_experts and top_k in each chosen layer; optional cross-layer bank sharing.",
     )

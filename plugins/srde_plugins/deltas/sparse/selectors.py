@@ -1,4 +1,4 @@
-"""The `magnitude` and `random` position selectors (registered by `selectors`).
+"""The `magnitude` and `random` position selectors (registered by :mod:`srde_plugins.deltas.sparse`).
 
 A selector returns, for each of ``num_experts`` experts, ``count`` flat positions (row-major indices
 into the ``(out, in)`` weight), unique and sorted per expert, as a LongTensor ``[num_experts, count]``
@@ -35,6 +35,10 @@ class MagnitudeSelector(Selector):
             raise ValueError(f"assignment must be 'shared' or 'interleaved', got {assignment!r}")
         self.assignment = assignment
 
+    @classmethod
+    def from_params(cls, params) -> MagnitudeSelector:
+        return cls(params.assignment)
+
     def select(
         self, weight: torch.Tensor, num_experts: int, count: int, generator: torch.Generator
     ) -> torch.Tensor:
@@ -67,6 +71,10 @@ class RandomSelector(Selector):
     #: Below this many entries, or when more than 1/4 of them are wanted, a full permutation is
     #: cheap; above it, rejection sampling avoids materialising a permutation of the whole weight.
     PERMUTATION_LIMIT = 1 << 22
+
+    @classmethod
+    def from_params(cls, params) -> RandomSelector:
+        return cls()
 
     def select(
         self, weight: torch.Tensor, num_experts: int, count: int, generator: torch.Generator

@@ -136,7 +136,7 @@ class _RoutedSparseDelta(torch.autograd.Function):
         # per expert; per-expert gathers/scatters run along the token dimension (exact: same sums).
         # Projections with the same input and routing (gate_proj, up_proj) share the gathered
         # inputs through `shared`: gathered once, saved for backward once.
-        key = ("sparse-delta-inputs", x.data_ptr(), tuple(x.shape), x.stride(), dtype, tokens.data_ptr())
+        key = ("sparse-delta-gathered", dtype)
         gathered = shared.get(key) if shared is not None else None
         if gathered is None:
             x_fm = x.to(dtype).t().contiguous()  # [in, T]
@@ -244,8 +244,9 @@ def routed_sparse_delta(
     :param offsets: ``tokens[offsets[e]:offsets[e + 1]]`` are expert ``e``'s tokens.
     :param cache_inputs: keep each expert's transposed input from forward for backward instead of
         gathering it again (``S * in`` saved elements, i.e. ``top_k`` copies of ``x``).
-    :param shared: a dict that lives for one forward of one block (``Routing.scratch``):
-        projections with the same input and routing gather (and save) the input once.
+    :param shared: a dict shared by the projections that take this same ``x`` with this same
+        routing in one forward of one layer (``BankCall.cache``): they gather (and save) the input
+        once. None: no sharing.
 
     Products run in float32 (float64 for float64 operands); the result has ``x``'s dtype.
     Gradients flow to ``x``, ``values`` and ``weights``.

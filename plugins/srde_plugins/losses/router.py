@@ -1,0 +1,48 @@
+"""Router losses (registered by :mod:`srde_plugins.losses`), averaged over SRDE layers.
+
+Both are means over the tokens of the global batch: the routed fractions ``f`` are counted over
+all processes, and the token means go through ``LossInputs.global_mean``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from srde_core.model.routing import Routing
+from srde_core.train.losses import LossInputs
+
+
+def _layer_mean(inputs: LossInputs, per_layer: Callable[[Routing], torch.Tensor]) -> torch.Tensor:
+    if not inputs.routings:
+        return inputs.hidden.new_zeros((), dtype=torch.float32)
+    return torch.stack([per_layer(r) for r in inputs.routings]).mean()
+
+
+def load_balance(params):
+    """E * sum_e f_e * P_e: f_e the share of routed slots (no gradient), P_e the mean probability."""
+    return lambda inputs: _layer_mean(inputs, lambda routing: _balance(inputs, routing))
+
+
+def _balance(inputs: LossInputs, routing: Routing) -> torch.Tensor:
+    if inputs.dist.distributed:
+        counts = torch.bincount(routing.experts.reshape(-1), minlength=routing.num_experts).float()
+        counts = inputs.global_sum(counts)
+        fraction = counts / counts.sum().clamp_min(1.0)
+    else:
+        fraction = routing.load()
+    mean_prob = inputs.global_mean(routing.probs.mean(dim=0), routing.probs.shape[0])
+    return routing.num_experts * torch.sum(fraction * mean_prob)
+
+
+def router_z(params):
+    """mean over tokens of logsumexp(logits)^2."""
+
+    def loss(inputs: LossInputs) -> torch.Tensor:
+        return _layer_mean(
+            inputs,
+            lambda r: inputs.global_mean(torch.logsumexp(r.logits, dim=-1).pow(2).mean(), r.logits.shape[0]),
+        )
+
+    return loss

@@ -1,0 +1,77 @@
+"""The ``base_pretrain`` trainer (registered by :mod:`srde_plugins.trainers`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from srde_core.errors import RecipeError
+from srde_core.train.checkpoints import save_tensors
+from srde_core.train.driver import TrainingTarget, drive
+from srde_core.train.objective import Objective, supervised_step
+from srde_core.train.trainer import Trainer
+
+
+def base_key(run, phase) -> str:
+    """The cache key of a trained base: model, tokenizer, data, data settings, phase and seed."""
+    recipe = run.recipe.resolved
+    ingredients = {
+        "model": recipe["model"],
+        "tokenizer": run.tokenizer.fingerprint,
+        "data": run.data.fingerprint,
+        "data_settings": recipe["data"],  # loss_on, seq_len, ... change what the base learns
+        "phase": recipe["phases"][phase.index],
+        "seed": run.recipe.seed,
+    }
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class BasePretrain(Trainer):
+    """Dense pre-training of the whole base model (the embedded tiny base); cached across runs."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def run(self, run, phase):
+        if run.experts is not None:
+            raise RecipeError(
+                "base_pretrain must come before the phases that train experts",
+                source=str(run.recipe.path), key=f"phases[{phase.index}].trainer",
+            )
+        key = base_key(run, phase)
+        run.base.id = f"{run.recipe.model.architecture}:pretrained-{key}"
+        cached = Path(run.recipe.cache_dir) / "base" / key / "model.safetensors"
+        if self.params.cache and cached.is_file():
+            run.model.load_state_dict(load_file(cached, device=str(run.device)))
+            run.base.weights = str(cached.resolve())
+            run.log(f"{phase.name}: base loaded from cache {cached.parent}")
+            return {}
+        model = run.model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        target = TrainingTarget(
+            model=model,
+            parameters=list(model.parameters()),
+            get_state=model.state_dict,
+            set_state=lambda state: model.load_state_dict(state),
+        )
+        objective = Objective(run, phase, model)
+        result = drive(run, phase, target, supervised_step(objective), state=objective.schedules)
+        # Without the cache the weights stay with the run, so `srde eval` can rebuild the model.
+        final = cached if self.params.cache else run.run_dir / "base" / "model.safetensors"
+        if run.dist.is_main:
+            tmp = final.parent.with_name(f".tmp-{final.parent.name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_tensors(model.state_dict(), tmp / "model.safetensors")
+            shutil.rmtree(final.parent, ignore_errors=True)
+            os.replace(tmp, final.parent)
+        run.dist.barrier()
+        run.base.weights = str(final.resolve())
+        run.log(f"{phase.name}: base saved to {final.parent}")
+        return result

@@ -1,0 +1,28 @@
+"""Batch samplers (the ``sampler`` kind): which examples make each step's global batch.
+
+A sampler returns the example indices of global micro-batch number ``step`` of a phase; the core
+gives process ``r`` of ``W`` the slice ``[r*b:(r+1)*b]`` of the ``W*b`` indices, so one process
+at batch ``W*b`` sees exactly the examples that ``W`` processes at batch ``b`` see together. It
+must be a pure function of its arguments: a resumed run replays it from the saved step, which is
+what makes resumption exact (curricula included).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class Sampler(ABC):
+    @abstractmethod
+    def indices(self, dataset: Any, phase: Any, step: int, batch_size: int, seed: int) -> list[int]:
+        """``batch_size`` example indices of ``dataset`` (a ``datasets.Dataset``) for global
+        micro-batch ``step`` (0-based, counting micro-batches) of ``phase``."""
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Process ``rank``'s share of a global batch (contiguous, equal shares)."""
+    if len(indices) % world_size:
+        raise ValueError(f"a global batch of {len(indices)} does not split over {world_size} processes")
+    size = len(indices) // world_size
+    return indices[rank * size : (rank + 1) * size]

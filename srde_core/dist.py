@@ -1,0 +1,95 @@
+"""The distributed side of a run: which process this is, and the few collectives the core needs.
+
+``Dist.from_env()`` reads what ``torchrun`` and the ``deepspeed`` launcher set (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``). A single process is rank 0 of 1 and every collective is a no-op,
+so the core calls them unconditionally. Only the main process (rank 0) writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        def read(name: str, default: int) -> int:
+            value = os.environ.get(name)
+            try:
+                return int(value) if value not in (None, "") else default
+            except ValueError:
+                from srde_core.errors import SRDEError
+
+                raise SRDEError(f"environment variable {name}={value!r} is not an integer") from None
+
+        world = read("WORLD_SIZE", 1)
+        return cls(rank=read("RANK", 0), world_size=world, local_rank=read("LOCAL_RANK", 0))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def init(self, device_type: str) -> None:
+        """Join the process group (gloo on CPU, nccl on CUDA) when there are several processes."""
+        if not self.distributed:
+            return
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+    def all_sum(self, tensor):
+        """The sum of ``tensor`` over processes (a new tensor, no gradient)."""
+        tensor = tensor.detach().clone()
+        if self.distributed:
+            import torch.distributed as td
+
+            td.all_reduce(tensor, op=td.ReduceOp.SUM)
+        return tensor
+
+    def mean_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Numeric metrics averaged over processes (what the main process logs)."""
+        if not self.distributed:
+            return metrics
+        import torch
+
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        values = self.all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)) / self.world_size
+        return {**metrics, **{k: float(v) for k, v in zip(keys, values.tolist())}}
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def broadcast(self, value: Any) -> Any:
+        """``value`` as the main process has it (any picklable object)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as td
+
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.distributed:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+SINGLE = Dist()

@@ -1,0 +1,78 @@
+"""The per-forward context: batch metadata in, routing records out.
+
+A training step (or eval, or generation) opens a context on the attached model::
+
+    with experts.forward_context(ForwardContext(domain_ids=batch["domain_ids"])) as ctx:
+        model(**inputs)
+    ctx.routings  # layer -> Routing of this forward
+
+Every SRDE layer's router and banks see the same context. Metadata is given per example (``[B]``)
+or per token (``[T]``, the flat tokens a layer sees) and read per token with :meth:`per_token`.
+Routings are recorded by layer and overwritten (never appended), so the recomputation of a layer
+under gradient checkpointing cannot count anything twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from srde_core.model.routing import Routing
+
+
+@dataclass
+class ForwardContext:
+    """What a forward pass knows beyond the hidden states.
+
+    :ivar domain_ids: the domain of each example or token (long).
+    :ivar difficulty: a difficulty in [0, 1] per example or token (float).
+    :ivar forced_experts: experts to route to, ``[B]``/``[T]`` (one each) or ``[B, k]``/``[T, k]``;
+        routers then use these, with equal gate weights (Phase 1 expert pre-training).
+    :ivar budget: the fraction of its entries a bank may use per example or token, in (0, 1]
+        (dynamic sparsity); banks that cannot vary their size ignore it.
+    :ivar routings: filled during the forward, decoder layer index -> :class:`Routing`.
+    """
+
+    domain_ids: torch.Tensor | None = None
+    difficulty: torch.Tensor | None = None
+    forced_experts: torch.Tensor | None = None
+    budget: torch.Tensor | None = None
+    routings: dict[int, Routing] = field(default_factory=dict)
+
+    def per_token(self, value: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+        """``value`` (per example ``[B, ...]`` or per token ``[T, ...]``) as one row per token.
+
+        A layer sees the ``B * S`` tokens of a batch flattened example by example, so example
+        ``b``'s row is repeated ``S`` times. None stays None.
+        """
+        if value is None or value.shape[0] == num_tokens:
+            return value
+        if num_tokens % value.shape[0]:
+            raise ValueError(f"metadata for {value.shape[0]} rows does not divide {num_tokens} tokens")
+        return value.repeat_interleave(num_tokens // value.shape[0], dim=0)
+
+    def record(self, layer: int, routing: Routing) -> None:
+        self.routings[layer] = routing
+
+    def ordered_routings(self) -> list[Routing]:
+        return [self.routings[i] for i in sorted(self.routings)]
+
+
+class ContextSlot:
+    """Holds the context of the forward in progress; one slot is shared by a model's SRDE layers."""
+
+    def __init__(self) -> None:
+        self.current: ForwardContext | None = None
+
+    @contextmanager
+    def using(self, context: ForwardContext) -> Iterator[ForwardContext]:
+        previous, self.current = self.current, context
+        try:
+            yield context
+        finally:
+            self.current = previous
