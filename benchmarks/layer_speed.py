@@ -23,10 +23,8 @@ import torch
 from torch import nn
 
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
-from srde_core.model.routing import Router
-from srde_plugins.position_selectors import MagnitudeSelector
-from srde_plugins.sparse_bank import SparseDelta
-from srde_plugins.sparse_delta import SparseDeltaParams
+from srde_core.plugins import load_plugins
+from srde_core.recipe import resolve_component
 
 TARGET_VS_LORA = 1.5
 TARGET_VS_FLOOR = 2.0
@@ -52,13 +50,14 @@ def trainable(module: nn.Module) -> int:
 
 def build_srde(base: nn.Module, args, generator: torch.Generator) -> SRDEMLP:
     hidden = base.gate_proj.in_features
-    delta = SparseDelta(SparseDeltaParams(density=args.density))
-    selector = MagnitudeSelector("shared")
+    plugins = load_plugins()
+    spec = {"name": "sparse", "density": args.density, "selector": {"name": "magnitude", "assignment": "shared"}}
+    delta = resolve_component(plugins, "delta", spec).build()
+    router = resolve_component(plugins, "router", "topk").build().make_router(hidden, args.experts, args.top_k, generator)
     banks = {
-        name: delta.make_bank(getattr(base, name).weight.detach(), args.experts, selector, generator)
+        name: delta.make_bank(getattr(base, name).weight.detach(), args.experts, generator)
         for name in PROJECTIONS
     }
-    router = Router(hidden, args.experts, args.top_k, generator)
     mlp = SRDEMLP(base, router, banks)
     with torch.no_grad():  # trained-looking deltas (speed does not depend on the values)
         for bank in banks.values():

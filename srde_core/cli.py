@@ -1,6 +1,6 @@
 """The ``srde`` command line.
 
-    srde run RECIPE [--set key=value ...] [--resume | --fresh]
+    srde run RECIPE [--set key=value ...] [--resume | --fresh]     (RECIPE: a file or srde:NAME)
     srde validate RECIPE [--set ...]        srde show RECIPE [--set ...] [--json]
     srde list-plugins [--json]
     srde eval RUN_DIR [--json]              srde generate RUN_DIR --prompt TEXT
@@ -27,7 +27,7 @@ def _console(stderr: bool = False):
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe TOML file")
+    parser.add_argument("recipe", help="recipe TOML file, or a shipped preset: srde:tiny, srde:max, ...")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one recipe key (TOML value), e.g. --set phases.joint.steps=50; repeatable",
@@ -83,6 +83,10 @@ def cmd_list_plugins(args) -> int:
                 }
                 for p in plugins.plugins
             ],
+            "kinds": [
+                {"kind": r.kind, "plugin": r.spec.provider, "summary": r.spec.summary, "contract": _contract_name(r.spec.contract)}
+                for r in plugins.registries.kinds.values()
+            ],
             "components": [
                 {"kind": c.kind, "name": c.name, "plugin": c.provider, "summary": c.summary}
                 for c in plugins.registries.components()
@@ -104,6 +108,12 @@ def cmd_list_plugins(args) -> int:
             table.add_row(f"[red]{p.name}[/]", f"{p.distribution} {p.version}", "[red]broken[/]", f"[red]{p.error}[/]")
         else:
             table.add_row(p.name, f"{p.distribution} {p.version}", text, p.summary)
+    kinds = Table(title="Component kinds", title_justify="left")
+    for column in ("kind", "declared by", "contract", "summary"):
+        kinds.add_column(column)
+    for registry in plugins.registries.kinds.values():
+        spec = registry.spec
+        kinds.add_row(spec.name, spec.provider, _contract_name(spec.contract).rsplit(":", 1)[-1], spec.summary)
     components = Table(title="Components", title_justify="left")
     for column in ("kind", "name", "plugin", "summary"):
         components.add_column(column)
@@ -111,8 +121,15 @@ def cmd_list_plugins(args) -> int:
         components.add_row(c.kind, c.name, c.provider, c.summary)
     console = _console()
     console.print(table)
+    console.print(kinds)
     console.print(components)
     return 0
+
+
+def _contract_name(contract) -> str:
+    if contract is None:
+        return ""
+    return contract if isinstance(contract, str) else f"{contract.__module__}:{contract.__qualname__}"
 
 
 def cmd_run(args) -> int:

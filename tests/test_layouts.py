@@ -81,3 +81,86 @@ def test_invalid_params_are_rejected(params):
 
 def test_top_k_may_equal_num_experts():
     assert plan(1, num_experts=3, top_k=3)[0].top_k == 3
+
+
+# ---- cross-layer sharing options and the `depth` layout -----------------------------------------
+
+from srde_plugins.layouts import DepthLayoutParams, DepthStage  # noqa: E402
+from srde_plugins.layouts.depth import DepthLayout  # noqa: E402
+
+
+def depth_plan(num_layers: int, **params) -> list[LayerPlan]:
+    return DepthLayout(DepthLayoutParams(**params)).plan(num_layers)
+
+
+def test_share_every_groups_adjacent_chosen_layers():
+    plans = plan(6, share_every=2)
+    assert [p.bank for p in plans] == ["group0", "group0", "group1", "group1", "group2", "group2"]
+    plans = plan(5, layers=[0, 2, 4], share_every=2)
+    assert [(p.layer, p.bank) for p in plans] == [(0, "group0"), (2, "group0"), (4, "group1")]
+
+
+def test_share_groups_are_explicit_and_checked():
+    plans = plan(4, share_groups=[[0, -1], [1, 2]])
+    assert [(p.layer, p.bank) for p in plans] == [(0, "group0"), (1, "group1"), (2, "group1"), (3, "group0")]
+    with pytest.raises(RecipeError, match="names layer 1 twice"):
+        plan(4, share_groups=[[0, 1], [1]])
+    with pytest.raises(RecipeError, match="gets no experts"):
+        plan(4, layers=[0, 1], share_groups=[[0, 3]])
+    with pytest.raises(ValidationError, match="one of"):
+        UniformLayoutParams(share_every=2, share_across_layers=True)
+
+
+def test_depth_default_is_4_8_4_on_quarter_half_quarter_of_40_layers():
+    plans = depth_plan(40)
+    by_experts = {n: [p.layer for p in plans if p.num_experts == n] for n in (4, 8)}
+    assert by_experts[4] == [*range(10), *range(30, 40)] and by_experts[8] == list(range(10, 30))
+    assert {p.top_k for p in plans if p.num_experts == 8} == {2} and {p.top_k for p in plans if p.num_experts == 4} == {1}
+
+
+def test_depth_fractions_fit_the_tiny_model_too():
+    assert [(p.layer, p.num_experts, p.top_k) for p in depth_plan(4)] == [(0, 4, 1), (1, 8, 2), (2, 8, 2), (3, 4, 1)]
+
+
+def test_depth_stage_without_experts_skips_its_layers():
+    stages = [DepthStage(until=0.5, num_experts=0), DepthStage(until=1.0, num_experts=2, top_k=1)]
+    assert [p.layer for p in depth_plan(6, stages=stages)] == [3, 4, 5]
+
+
+def test_depth_stages_must_end_at_one_and_increase():
+    with pytest.raises(ValidationError, match="ending at 1.0"):
+        DepthLayoutParams(stages=[DepthStage(until=0.5, num_experts=2)])
+    with pytest.raises(ValidationError, match="strictly increasing"):
+        DepthLayoutParams(stages=[DepthStage(until=0.7, num_experts=2), DepthStage(until=0.5, num_experts=2), DepthStage(until=1.0, num_experts=2)])
+
+
+def test_depth_with_sharing_composes_and_attaches_with_shared_banks_saved_once(tmp_path):
+    from srde_testkit import MaskedDenseDelta, perturb, tiny_model, topk_router_type
+
+    from srde_core.errors import SRDEError
+    from srde_core.model.adapters import load_adapter, save_adapter
+    from srde_core.model.attach import attach_srde
+
+    stages = [DepthStage(until=0.34, num_experts=2, top_k=1), DepthStage(until=1.0, num_experts=4, top_k=2)]
+    layout = DepthLayout(DepthLayoutParams(stages=stages, share_groups=[[1, 2]]))
+
+    def attach(seed):
+        return attach_srde(tiny_model("LlamaForCausalLM"), layout=layout, delta_type=MaskedDenseDelta(),
+                           router_type=topk_router_type(), seed=seed)
+
+    srde = attach(0)
+    assert [(p.layer, p.num_experts, p.bank) for p in srde.plans] == [(0, 2, "layer0"), (1, 4, "group0"), (2, 4, "group0")]
+    assert srde.layers[1].banks["up_proj"] is srde.layers[2].banks["up_proj"]
+    assert srde.layers[1].router is not srde.layers[2].router
+    perturb(srde)
+    path = save_adapter(tmp_path / "a.safetensors", srde, base_model_id="b", recipe_hash="h")
+    keys = set(srde.adapter_state())
+    assert sum(k.startswith("banks.group0.") for k in keys) == 3 * 2  # 3 projections x (delta, positions), once
+    other = attach(5)
+    load_adapter(path, other, base_model_id="b")
+    assert all(bool((other.adapter_state()[k] == v).all()) for k, v in srde.adapter_state().items())
+
+    mismatched = DepthLayout(DepthLayoutParams(stages=stages, share_groups=[[0, 1]]))
+    with pytest.raises(SRDEError, match="shares bank 'group0'"):
+        attach_srde(tiny_model("LlamaForCausalLM"), layout=mismatched, delta_type=MaskedDenseDelta(),
+                    router_type=topk_router_type(), seed=0)

@@ -107,6 +107,13 @@ class DeltaBank(nn.Module, ABC):
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The dense ``dW`` of one expert, ``(out, in)``: for the reference path, merging and analysis."""
 
+    def gram(self) -> torch.Tensor:
+        """``[E, E]``: the inner products ``<dW_a, dW_b>`` of the experts' dense deltas
+        (differentiable). Diversity losses read it; banks override it where materialising every
+        dense delta would be too large."""
+        flat = torch.stack([self.delta_weight(e).reshape(-1) for e in range(self.num_experts)])
+        return flat @ flat.T
+
     # -- structure that changes during training -------------------------------------------------
 
     def entry_positions(self) -> torch.Tensor | None:

@@ -34,8 +34,8 @@ class ModelParams(Params):
 
 
 class SRDEParams(Params):
-    projections: list[str] = Field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+    projections: tuple[str, ...] = Field(
+        default=("gate_proj", "up_proj", "down_proj"),
         description="MLP projections that get expert deltas (gate_proj, up_proj, down_proj)",
     )
     layout: ComponentChoice = component("layout", "uniform", "which layers get experts, how many, top-k")
@@ -43,9 +43,11 @@ class SRDEParams(Params):
     router: ComponentChoice = component("router", "topk", "token -> experts: top-k and gate normalisation")
     combine: ComponentChoice = component("combine", "weighted_sum", "how a token's k expert terms combine")
 
-    @field_validator("projections")
+    @field_validator("projections", mode="before")
     @classmethod
-    def _projections(cls, value: list[str]) -> tuple[str, ...]:
+    def _projections(cls, value: object) -> object:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return value  # the type check reports it
         return check_projections(value)
 
 

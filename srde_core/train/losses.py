@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from srde_core.dist import SINGLE, Dist
+from srde_core.model.components import DeltaBank
 from srde_core.model.context import ForwardContext
 from srde_core.model.routing import Routing
 
@@ -32,8 +33,9 @@ class LossInputs:
     most of a step's time and memory). ``labels`` are unshifted (-100: no target). ``routings``
     holds the routing of every SRDE layer for this forward, in layer order (empty before experts
     are attached); ``context`` is the forward context they came from. ``batch`` is the collated
-    batch (``input_ids``, ``attention_mask``, ``labels``, ``domain_ids``). ``step`` is the 0-based
-    optimiser step.
+    batch (``input_ids``, ``attention_mask``, ``labels``, ``domain_ids``). ``banks`` are the
+    experts' delta banks (each shared bank once) for losses on the deltas themselves. ``step`` is
+    the 0-based optimiser step.
     """
 
     hidden: torch.Tensor
@@ -43,6 +45,7 @@ class LossInputs:
     routings: list[Routing] = field(default_factory=list)
     num_domains: int = 0
     context: ForwardContext | None = None
+    banks: list[DeltaBank] = field(default_factory=list)
     step: int = 0
     dist: Dist = SINGLE
 

@@ -34,6 +34,7 @@ class Objective:
         }
         self.num_domains = len(run.data.domains)
         self.lm_head = model.get_output_embeddings()
+        self.banks = [bank for per_proj in experts.banks().values() for bank in per_proj.values()] if experts else []
 
     @staticmethod
     def _weight(choice: ComponentChoice) -> Any:
@@ -56,7 +57,7 @@ class Objective:
         routings = context.ordered_routings() if context is not None else []
         loss_inputs = LossInputs(
             hidden=hidden, lm_head=self.lm_head, labels=batch["labels"], batch=batch, routings=routings,
-            num_domains=self.num_domains, context=context, step=step, dist=self.run.dist,
+            num_domains=self.num_domains, context=context, banks=self.banks, step=step, dist=self.run.dist,
         )
         total = None
         parts: dict[str, float] = router_statistics(routings) if routings else {}

@@ -5,12 +5,11 @@ from __future__ import annotations
 from srde_core.errors import RecipeError
 from srde_core.model.components import LayerPlan, Layout
 from srde_plugins.layouts import UniformLayoutParams
+from srde_plugins.layouts.sharing import bank_keys, layer_index
 
 
 class UniformLayout(Layout):
     """Same ``num_experts`` and ``top_k`` in each chosen layer; a bank per layer unless shared."""
-
-    SHARED_BANK = "shared"
 
     def __init__(self, params: UniformLayoutParams):
         self.params = params
@@ -27,25 +26,13 @@ class UniformLayout(Layout):
         else:
             chosen = []
             for index in p.layers:
-                if not -num_layers <= index < num_layers:
-                    raise RecipeError(
-                        f"layer {index} is out of range for a model with {num_layers} layers "
-                        f"(valid: {-num_layers}..{num_layers - 1})",
-                        key="srde.layout.layers",
-                    )
-                layer = index % num_layers
+                layer = layer_index(index, num_layers, "srde.layout.layers")
                 if layer in chosen:
                     raise RecipeError(
                         f"layer {index} names layer {layer}, which is already listed",
                         key="srde.layout.layers",
                     )
                 chosen.append(layer)
-        return [
-            LayerPlan(
-                layer=layer,
-                num_experts=p.num_experts,
-                top_k=p.top_k,
-                bank=self.SHARED_BANK if p.share_across_layers else f"layer{layer}",
-            )
-            for layer in sorted(set(chosen))
-        ]
+        layers = sorted(chosen)
+        keys = bank_keys(layers, p, num_layers, "srde.layout")
+        return [LayerPlan(layer=layer, num_experts=p.num_experts, top_k=p.top_k, bank=keys[layer]) for layer in layers]

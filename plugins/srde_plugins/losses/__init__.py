@@ -1,4 +1,4 @@
-"""Losses: causal-LM cross-entropy, router load balance and router z-loss.
+"""Losses: causal-LM cross-entropy, router load balance, router z-loss, expert specialisation and diversity.
 
 A ``loss`` factory(params) returns ``loss(inputs: LossInputs) -> scalar tensor``; the recipe gives
 each loss a ``weight`` (a number or a scalar schedule). Router losses are averaged over SRDE
@@ -26,3 +26,7 @@ def srde_register(registry):
                  "Switch-style load balance E * sum_e f_e * P_e (1.0 when balanced), mean over layers.")
     registry.add("loss", "router_z", f"{here}.router:router_z", NoParams,
                  "Router z-loss mean(logsumexp(logits)^2): keeps router logits small, mean over layers.")
+    registry.add("loss", "specialization", f"{here}.experts:specialization", NoParams,
+                 "-I(expert; domain)/log E from router probabilities: experts that tell the domain apart.")
+    registry.add("loss", "diversity", f"{here}.experts:diversity", NoParams,
+                 "Mean pairwise squared cosine of the experts' deltas per bank: experts that change different things.")

@@ -1,6 +1,8 @@
-"""Routing: the `topk` router (gate normalisations auto, softmax_topk, softmax) and the `weighted_sum` combine step.
+"""Routing: the `topk` router and the combine steps `weighted_sum`, `gated` and `soft_merge` (expert fusion).
 
-``weighted_sum`` keeps the router's weights and adds the delta terms to the base output.
+``weighted_sum`` keeps the router's weights and adds the delta terms to the base output; ``gated``
+learns a per-token gate on each chosen expert's term; ``soft_merge`` applies every expert weighted by
+its full-softmax probability (see :mod:`.fusion`).
 
 Gate normalisations of ``topk`` (``gate``):
 
@@ -46,4 +48,12 @@ def srde_register(registry):
     registry.add(
         "combine", "weighted_sum", "srde_plugins.routing.topk:WeightedSumType", NoParams,
         "The router's gate weights; each projection adds sum_k w_k dW_k x to its base output.",
+    )
+    registry.add(
+        "combine", "gated", "srde_plugins.routing.fusion:GatedFusionType", NoParams,
+        "Expert fusion: a learned per-token gate 2*sigmoid(x.v_e + b_e) on each chosen expert's weight (starts at 1).",
+    )
+    registry.add(
+        "combine", "soft_merge", "srde_plugins.routing.fusion:SoftMergeType", NoParams,
+        "Expert fusion: every expert, weighted by its full-softmax probability (a soft merge of deltas, SMEAR-style).",
     )

@@ -71,6 +71,17 @@ class SparseDeltaBank(DeltaBank):
     def entry_positions(self) -> torch.Tensor:
         return self.positions
 
+    def gram(self) -> torch.Tensor:
+        """``<dW_a, dW_b>`` over the positions the experts share, without dense deltas: every expert's
+        values are scattered into the union of all positions (once: the union of shared positions is
+        one expert's)."""
+        values = self.effective_values()
+        union, inverse = torch.unique(self.positions, return_inverse=True)
+        if union.numel() == self.count:  # every expert owns the same positions
+            return values @ values.T
+        dense = values.new_zeros(self.num_experts, union.numel()).scatter(1, inverse, values)
+        return dense @ dense.T
+
     @property
     def active_fraction(self) -> float:
         return float(self.active.float().mean()) if self._masked else 1.0

@@ -1,0 +1,92 @@
+"""Expert fusion (`srde_plugins.routing` combine steps): exact against the dense reference, trainable,
+and an untrained gate is the plain weighted sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from srde_testkit import make_router
+from test_exactness import GatedMLP, assert_matches
+
+from srde_core.model.layer import PROJECTIONS, SRDEMLP
+from srde_core.plugins import load_plugins
+from srde_core.recipe import resolve_component
+
+PLUGINS = load_plugins()
+COMBINES = PLUGINS.registries["combine"].names()
+
+
+def layer(combine: str, *, hidden=16, intermediate=28, experts=4, top_k=2, seed=0, dtype=torch.float32) -> SRDEMLP:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    base = GatedMLP(hidden, intermediate).requires_grad_(False)
+    delta = resolve_component(PLUGINS, "delta", {"name": "sparse", "density": 0.3, "selector": "random"}).build()
+    banks = {n: delta.make_bank(getattr(base, n).weight.detach(), experts, generator) for n in PROJECTIONS}
+    step = resolve_component(PLUGINS, "combine", combine).build().make_combine(hidden, experts, top_k, generator)
+    mlp = SRDEMLP(base, make_router(hidden, experts, top_k, seed), banks, step)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            if p.requires_grad and p is not mlp.router.gate.weight:
+                p.normal_(0.0, 0.3, generator=generator)
+    return mlp.to(dtype)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_combine_step_matches_the_dense_reference_float32(combine, top_k):
+    mlp = layer(combine, top_k=top_k)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+def test_combine_step_matches_the_dense_reference_float64(combine):
+    mlp = layer(combine, dtype=torch.float64)
+    x = torch.randn(13, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert_matches(mlp, x, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("combine", [c for c in COMBINES if c != "weighted_sum"])
+def test_fusion_changes_the_output_and_its_parameters_train(combine):
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(3))
+    fused, plain = layer(combine), layer("weighted_sum")
+    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if not k.startswith("combine.")})
+    assert not torch.allclose(fused(x), plain(x))
+    fused(x).pow(2).sum().backward()
+    for name, p in fused.combine.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_an_untrained_gate_is_exactly_the_weighted_sum():
+    gated = layer("gated")
+    with torch.no_grad():
+        for p in gated.combine.parameters():
+            p.zero_()
+    plain = layer("weighted_sum")
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("combine.")})
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(gated(x), plain(x))
+
+
+def test_soft_merge_uses_every_expert_with_its_probability():
+    mlp = layer("soft_merge", experts=5, top_k=1)
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(5))
+    routing = mlp.route(x, __import__("srde_core.model.context", fromlist=["ForwardContext"]).ForwardContext())
+    assert routing.experts.shape == (7, 5)
+    torch.testing.assert_close(routing.weights.sum(1), torch.ones(7))
+
+
+@pytest.mark.parametrize("combine", [c for c in COMBINES if c != "weighted_sum"])
+def test_gradients_of_the_combine_parameters_match_the_reference(combine):
+    from srde_core.model.reference import dense_reference
+
+    mlp = layer(combine, dtype=torch.float64)
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grads = []
+    for forward in (lambda: mlp(x), lambda: dense_reference(mlp, x)):
+        mlp.zero_grad()
+        (forward() * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in mlp.combine.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-11)
