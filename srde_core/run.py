@@ -108,9 +108,9 @@ class BaseInfo:
     weights: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class RunContext:
-    """Everything a trainer or hook needs about the run in progress."""
+    """Everything a trainer or hook needs about the run in progress (compared by identity)."""
 
     recipe: Recipe
     plugins: PluginSet

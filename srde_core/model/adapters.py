@@ -189,8 +189,9 @@ def load_adapter(
         if missing or unexpected:
             raise _error(path, f"tensors differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
         tensors = {key: f.get_tensor(key) for key in expected}
+    resizable = srde_model.resizable_state_keys()
     for key, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        if tuple(tensor.shape) != tuple(expected[key].shape) and key not in resizable:
             raise _error(
                 path,
                 f"tensor '{key}' has shape {tuple(tensor.shape)}, this model {tuple(expected[key].shape)}",

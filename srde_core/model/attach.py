@@ -140,6 +140,14 @@ class SRDEModel:
     def enabled(self) -> bool:
         return all(mlp.enabled for mlp in self._layers.values())
 
+    def resizable_state_keys(self) -> set[str]:
+        """Adapter keys whose size may differ from this model's (banks that resize on load)."""
+        keys = set()
+        for bank_key, per_proj in self._banks.items():
+            for proj, bank in per_proj.items():
+                keys.update(f"banks.{bank_key}.{proj}.{name}" for name in bank.resizable_state)
+        return keys
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Every SRDE parameter and buffer (e.g. selected positions), detached, by adapter key."""
         return {name: t.detach() for name, t in self.adapter.state_dict().items()}

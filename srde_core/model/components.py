@@ -93,6 +93,9 @@ class DeltaBank(nn.Module, ABC):
     in_features: int
     out_features: int
     trainable_names: tuple[str, ...] = ()
+    #: State entries whose size may change during training (pruning, growing): loading a state of
+    #: another size resizes the bank (and notifies the remap listeners) instead of failing.
+    resizable_state: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,6 +135,14 @@ class DeltaBank(nn.Module, ABC):
         :raises NotImplementedError: for banks whose size cannot change.
         """
         raise NotImplementedError(f"{type(self).__name__} has a fixed size")
+
+    def prune(self) -> list[Remap]:
+        """Drop the inactive entries for good (after :meth:`set_active_fraction`), so compute and
+        memory fall with them; return the remapped parameters (also sent to the listeners).
+
+        :raises NotImplementedError: for banks whose size cannot change.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot prune")
 
     def set_positions(self, positions: torch.Tensor) -> list[Remap]:
         """Move the experts' entries to ``positions`` (``[E, P']``); return the remapped parameters

@@ -218,7 +218,8 @@ class _Resolver:
         return float(value)
 
 
-def _plugin_settings(raw: dict[str, Any], layers: Layers, plugins: PluginSet) -> tuple[dict[str, Params], tuple[str, ...]]:
+def _plugin_settings(raw: dict[str, Any], resolver: _Resolver) -> tuple[dict[str, Params], tuple[str, ...]]:
+    layers, plugins = resolver.layers, resolver.plugins
     tables = plugins.registries.settings
     require = raw.get("require", [])
     if not isinstance(require, list) or not all(isinstance(r, str) for r in require):
@@ -235,7 +236,7 @@ def _plugin_settings(raw: dict[str, Any], layers: Layers, plugins: PluginSet) ->
         if not isinstance(value, dict):
             raise RecipeError("expected a table", source=layers.source_of(("plugins", key)), key=f"plugins.{key}")
     settings = {
-        name: validate(table.params, raw.get(name, {}), ("plugins", name), layers) for name, table in tables.items()
+        name: resolver.params(table.params, raw.get(name, {}), ("plugins", name)) for name, table in tables.items()
     }
     return settings, tuple(require)
 
@@ -253,12 +254,12 @@ def resolve(layers: Layers, plugins: PluginSet) -> Recipe:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise RecipeError(f"duplicate phase name '{name}'", source=layers.source_of(("phases", i, "name")), key=format_key(("phases", i, "name")))
-    settings, required = _plugin_settings(raw_plugins, layers, plugins)
+    settings, required = _plugin_settings(raw_plugins, resolver)
     from srde_core.plugins import require_healthy
 
     require_healthy(plugins, list(required), source=layers.source_of(("plugins", "require")))
     resolved = describe_params(top)
-    resolved["plugins"] = {"require": list(required), **{k: v.model_dump(mode="json") for k, v in settings.items()}}
+    resolved["plugins"] = {"require": list(required), **{k: describe_params(v) for k, v in settings.items()}}
     return Recipe(
         path=layers.top,
         top=top,

@@ -27,6 +27,8 @@ class SparseDeltaBank(DeltaBank):
     when it owns state (a learned selector trains and saves with the bank).
     """
 
+    resizable_state = ("positions", "active", "values", "importance")
+
     def __init__(
         self,
         out_features: int,
@@ -119,6 +121,18 @@ class SparseDeltaBank(DeltaBank):
             in_features=self.in_features,
         )
 
+    @torch.no_grad()
+    def prune(self) -> list[Remap]:
+        """Keep only the active entries (every expert keeps the same number after
+        :meth:`set_active_fraction`): the kernels then do proportionally less work."""
+        if not self._masked:
+            return []
+        counts = self.active.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError("experts have different numbers of active entries; cannot prune to one size")
+        kept = self.positions[self.active].view(self.num_experts, int(counts[0]))
+        return self.set_positions(kept)
+
     def forward(self, x: torch.Tensor, call: BankCall) -> torch.Tensor:
         groups = call.routing.groups()
         return routed_sparse_delta(
@@ -179,6 +193,20 @@ class SparseDeltaBank(DeltaBank):
         self._rebuild_structure()
         return self.notify_remap(remaps)
 
+    @torch.no_grad()
+    def _resize(self, count: int) -> None:
+        device = self.positions.device
+        index = torch.full((self.num_experts, count), -1, dtype=torch.long, device=device)
+        remaps = []
+        for name in ("values", "importance"):
+            old = getattr(self, name)
+            new = nn.Parameter(torch.zeros(self.num_experts, count, dtype=old.dtype, device=device), requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            remaps.append(Remap(old, new, index))
+        self.positions = torch.arange(count, device=device).repeat(self.num_experts, 1)  # overwritten by the load
+        self.active = torch.ones(self.num_experts, count, dtype=torch.bool, device=device)
+        self.notify_remap(remaps)
+
     def _register_structure(self) -> None:
         s = build_csr_structure(self.positions, self.out_features, self.in_features)
         # Derived from positions: not saved (persistent=False) and rebuilt whenever they change.
@@ -195,6 +223,10 @@ class SparseDeltaBank(DeltaBank):
         self.csr_transpose_order = s.transpose_order
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "positions")
+        if saved is not None and saved.dim() == 2 and saved.shape != self.positions.shape and saved.shape[0] == self.num_experts:
+            # a pruned (or grown) bank: take the saved size first; optimiser state follows via remap
+            self._resize(saved.shape[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # Loading an adapter copies saved positions into the buffer: re-derive the CSR structure.
         self._masked = not bool(self.active.all())

@@ -1,0 +1,75 @@
+"""The adaptive-sparsity controller of one run (see :mod:`srde_plugins.sparsity`)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from srde_core.errors import SRDEError
+
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def controller_of(run) -> Controller | None:
+    """The run's controller (made on first use); None when the plugin is off for this run."""
+    settings = run.recipe.settings("adaptive_sparsity")
+    if not settings.enabled:
+        return None
+    if run not in _CONTROLLERS:
+        _CONTROLLERS[run] = Controller(run, settings)
+    return _CONTROLLERS[run]
+
+
+class Controller:
+    def __init__(self, run, settings):
+        self.run = run
+        self.settings = settings
+        self.schedule = settings.density.build()
+        base = getattr(run.recipe.srde.delta.params, "density", None)
+        if base is None:
+            raise SRDEError(
+                f"adaptive sparsity needs a delta type with a density; '{run.recipe.srde.delta.name}' has none",
+                key="plugins.adaptive_sparsity",
+            )
+        self.base_density = base
+        self.pruned = False
+        self.active_phase = False
+
+    def before_phase(self, phase) -> None:
+        # phases without experts (dense base pre-training) are skipped in after_step
+        self.active_phase = not self.settings.phases or phase.name in self.settings.phases
+
+    def after_step(self, phase, step: int, metrics: dict[str, Any]) -> None:
+        experts = self.run.experts
+        if not self.active_phase or experts is None:
+            return
+        self.schedule.observe(step, metrics)
+        density = self.schedule.value(step, phase.steps)
+        fraction = min(1.0, max(density / self.base_density, 1e-6))
+        banks = [bank for per_proj in experts.banks().values() for bank in per_proj.values()]
+        try:
+            if not self.pruned:
+                for bank in banks:
+                    bank.set_active_fraction(fraction)
+            done = getattr(self.schedule, "progress", 1.0) >= 1.0
+            if self.settings.prune and done and not self.pruned:
+                for bank in banks:
+                    bank.prune()
+                self.pruned = True
+        except NotImplementedError as err:
+            raise SRDEError(f"adaptive sparsity: {err}", key="plugins.adaptive_sparsity") from None
+        metrics["density"] = density
+        metrics["density_in_use"] = density_in_use(banks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict(), "pruned": self.pruned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.pruned = state["pruned"]
+
+
+def density_in_use(banks) -> float:
+    """Entries in use over weight entries, over every bank (each bank's experts counted once)."""
+    used = sum(b.entry_positions().shape[1] * b.active_fraction for b in banks)
+    return used / max(1, sum(b.out_features * b.in_features for b in banks))

@@ -1,0 +1,105 @@
+"""Adaptive sparsity (`srde_plugins.sparsity`, the `adaptive` schedule of `srde_plugins.schedules`):
+the warm-up follows the loss trend, banks keep their most important entries, pruning is exact, and a
+resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from srde_plugins.schedules import AdaptiveParams
+from srde_plugins.schedules.adaptive import AdaptiveRamp
+
+
+def ramp(**params):
+    return AdaptiveRamp(AdaptiveParams(**{"start": 0.05, "end": 0.01, "steps": 100, "patience": 5, **params}))
+
+
+def drive(schedule, losses):
+    for step, loss in enumerate(losses, start=1):
+        schedule.observe(step, {"loss": loss})
+    return schedule
+
+
+def test_the_warmup_shortens_while_the_loss_improves_and_lengthens_when_it_stalls():
+    improving = drive(ramp(), [2.0 * 0.97**i for i in range(60)])
+    stalling = drive(ramp(), [2.0 + 0.01 * (i % 2) + 0.001 * i for i in range(60)])
+    steady = drive(ramp(threshold=1.0), [2.0 * 0.97**i for i in range(60)])  # improvements below threshold
+    assert improving.warmup_steps() < 100 < stalling.warmup_steps()
+    assert steady.warmup_steps() == 100
+    assert improving.progress > steady.progress > stalling.progress
+
+
+def test_the_warmup_length_stays_within_its_bounds():
+    fast = drive(ramp(min_steps=80), [2.0 * 0.9**i for i in range(200)])
+    slow = drive(ramp(max_steps=120), [2.0 + 0.001 * i for i in range(200)])
+    assert fast.warmup_steps() == pytest.approx(80) and slow.warmup_steps() == pytest.approx(120)
+
+
+def test_value_goes_from_start_to_end_and_state_round_trips():
+    schedule = ramp()
+    assert schedule.value(0, 100) == 0.05
+    drive(schedule, [1.0] * 500)
+    assert schedule.value(500, 500) == pytest.approx(0.01)
+    half = drive(ramp(), [2.0 * 0.97**i for i in range(30)])
+    copy = ramp()
+    copy.load_state_dict(json.loads(json.dumps(half.state_dict())))
+    for schedule in (half, copy):
+        drive(schedule, [1.5 * 0.99**i for i in range(30)])
+    assert copy.state_dict() == half.state_dict()
+
+
+def test_bank_keeps_the_most_important_entries_prunes_exactly_and_moves_optimiser_state():
+    from test_exactness import assert_matches, build_layer
+
+    from srde_core.train.engine import TorchSession
+
+    mlp = build_layer("sparse", "random", 16, 24, 3, 2)
+    bank = mlp.banks["up_proj"]
+    score = torch.sigmoid(bank.importance) * bank.values.abs()
+    bank.set_active_fraction(0.25)
+    keep = round(0.25 * bank.count)
+    assert bank.active.sum(1).tolist() == [keep] * 3
+    assert bool((score[bank.active].view(3, keep).min(1).values >= score.masked_fill(bank.active, -1).max(1).values).all())
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(1))
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)  # masked: the reference sees the same deltas
+    before = mlp(x).detach()
+    events = []
+    bank.add_remap_listener(events.append)
+    remaps = bank.prune()
+    assert bank.count == keep and events == [remaps] and {r.new.shape for r in remaps} == {(3, keep)}
+    assert torch.equal(mlp(x).detach(), before)  # pruning drops only entries that were already zero
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+    assert bank.prune() == []  # nothing masked any more
+
+
+def test_a_run_with_adaptive_sparsity_prunes_and_resumes_exactly(tmp_path, plugins, micro_recipe):
+    from conftest import run_recipe_in
+
+    overrides = [
+        "srde.delta.density=0.2", "plugins.adaptive_sparsity.enabled=true",
+        'plugins.adaptive_sparsity.density={ name = "adaptive", start = 0.2, end = 0.05, steps = 4, patience = 2 }',
+        "phases.experts.log_every=1", "phases.experts.steps=8", "phases.experts.checkpoint_every=3",
+    ]
+    run_recipe_in(tmp_path, micro_recipe, plugins, overrides)
+    run_dir = tmp_path / "runs" / "micro"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    experts = [m for m in metrics if m["phase"] == "experts"]
+    assert experts[0]["density"] == pytest.approx(0.1625) and experts[-1]["density"] == pytest.approx(0.05)
+    assert experts[-1]["density_in_use"] == pytest.approx(0.05, rel=0.02)
+    full = load_file(run_dir / "adapter.safetensors")
+    positions = [v for k, v in full.items() if k.endswith("up_proj.positions")][0]
+    assert positions.shape[1] < 0.3 * 0.2 * 64 * 128  # pruned well below the initial 20%
+
+    # Kill after the checkpoint at step 6 (the banks are pruned by then) and resume in a fresh process state.
+    shutil.rmtree(run_dir / "checkpoints" / "experts-step0000008")
+    (run_dir / "adapter.safetensors").unlink()
+    run_recipe_in(tmp_path, micro_recipe, plugins, overrides, resume=True)
+    resumed = load_file(run_dir / "adapter.safetensors")
+    assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss"] == experts[-1]["loss"] and last["step"] == 8
