@@ -1,13 +1,18 @@
-"""Forward+backward time of ONE gated MLP block: frozen floor vs PEFT LoRA vs SRDE sparse.
+"""Forward+backward time of ONE gated MLP block: frozen floor vs PEFT LoRA vs SRDE variants.
 
-Three variants of the same block run side by side in one process, interleaved round by round
-(so drifting machine load hits all of them alike), and the medians are compared:
+The variants of the same block run side by side in one process, interleaved round by round (so
+drifting machine load hits all of them alike), and the medians are compared:
 
 - floor: the frozen base MLP; only activation gradients (the input requires grad);
-- lora: PEFT LoRA on gate/up/down_proj, rank chosen so its trainable parameter count matches SRDE's;
-- srde: SRDE with sparse deltas (magnitude selector), ``--experts`` experts, top ``--top-k``.
+- lora: PEFT LoRA on gate/up/down_proj, rank R chosen so its trainable parameter count matches
+  sparse SRDE's;
+- srde: SRDE with sparse deltas (magnitude selector), ``--experts`` experts, top ``--top-k``;
+- lora-1x1: SRDE with the ``lora`` delta, 1 expert, top-1, rank R (plain LoRA through SRDE);
+- lora-Ex k: SRDE with the ``lora`` delta, ``--experts`` experts, top ``--top-k``, rank R/E each
+  (equal trainable deltas to PEFT LoRA).
 
-Targets: SRDE <= 1.5x LoRA and <= 2x the floor. Run ``python benchmarks/layer_speed.py --help``.
+Targets: sparse SRDE <= 1.5x LoRA and <= 2x the floor; lora-1x1 <= 1.10x LoRA; lora-Ex k <= 1.3x
+LoRA. Run ``python benchmarks/layer_speed.py --help``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from srde_core.recipe import resolve_component
 
 TARGET_VS_LORA = 1.5
 TARGET_VS_FLOOR = 2.0
+TARGET_LORA_ONE_EXPERT = 1.10
+TARGET_LORA_EXPERTS = 1.3
 
 
 class GatedMLP(nn.Module):
@@ -48,20 +55,20 @@ def trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def build_srde(base: nn.Module, args, generator: torch.Generator) -> SRDEMLP:
+def build_srde(base: nn.Module, spec: dict, experts: int, top_k: int, generator: torch.Generator) -> SRDEMLP:
     hidden = base.gate_proj.in_features
     plugins = load_plugins()
-    spec = {"name": "sparse", "density": args.density, "selector": {"name": "magnitude", "assignment": "shared"}}
     delta = resolve_component(plugins, "delta", spec).build()
-    router = resolve_component(plugins, "router", "topk").build().make_router(hidden, args.experts, args.top_k, generator)
+    router = resolve_component(plugins, "router", "topk").build().make_router(hidden, experts, top_k, generator)
     banks = {
-        name: delta.make_bank(getattr(base, name).weight.detach(), args.experts, generator)
+        name: delta.make_bank(getattr(base, name).weight.detach(), experts, generator)
         for name in PROJECTIONS
     }
     mlp = SRDEMLP(base, router, banks)
     with torch.no_grad():  # trained-looking deltas (speed does not depend on the values)
         for bank in banks.values():
-            bank.values.normal_(0.0, 1e-3, generator=generator)
+            for name in bank.trainable_names:
+                getattr(bank, name).normal_(0.0, 1e-3, generator=generator)
     return mlp
 
 
@@ -101,16 +108,21 @@ def run_shape(hidden: int, intermediate: int, args, device: torch.device) -> tup
     dtype = getattr(torch, args.dtype)
     base = GatedMLP(hidden, intermediate).requires_grad_(False)
 
-    srde = build_srde(copy.deepcopy(base), args, generator)
+    sparse = {"name": "sparse", "density": args.density, "selector": {"name": "magnitude", "assignment": "shared"}}
+    srde = build_srde(copy.deepcopy(base), sparse, args.experts, args.top_k, generator)
     srde_count = trainable(srde)
     per_rank = 3 * (hidden + intermediate)  # LoRA: rank * (in + out) per projection
-    rank = max(1, round(srde_count / per_rank))
+    rank = max(args.experts, round(srde_count / per_rank / args.experts) * args.experts)
     lora = build_lora(copy.deepcopy(base), rank)
+    lora_spec = {"name": "lora", "rank": rank, "alpha": 2.0 * rank}
+    lora_one = build_srde(copy.deepcopy(base), lora_spec, 1, 1, generator)
+    lora_spec = {"name": "lora", "rank": rank // args.experts, "alpha": 2.0 * rank // args.experts}
+    lora_many = build_srde(copy.deepcopy(base), lora_spec, args.experts, args.top_k, generator)
 
-    models = {"floor": base, "lora": lora, "srde": srde}
+    models = {"floor": base, "lora": lora, "srde": srde, "lora-1x1": lora_one, f"lora-{args.experts}x{args.top_k}": lora_many}
     for name, model in models.items():
         model.to(device)
-        if name != "srde":  # SRDE keeps float32 master weights for its routers and deltas
+        if not isinstance(model, SRDEMLP):  # SRDE keeps float32 master weights for its routers and deltas
             model.to(dtype)
         elif dtype != torch.float32:
             model.base.to(dtype)
@@ -164,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats={args.repeats} (median) torch={torch.__version__}"
     )
     header = f"{'shape':>11} {'variant':>11} {'ms':>9} {'trainable':>10} {'vs floor':>9} {'vs lora':>8}"
+    many = f"lora-{args.experts}x{args.top_k}"
     print(header)
     print("-" * len(header))
     ok = True
@@ -183,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{'':>11} SRDE/LoRA {vs_lora:.2f}x (target <= {TARGET_VS_LORA}x), "
             f"SRDE/floor {vs_floor:.2f}x (target <= {TARGET_VS_FLOOR}x): {'met' if met else 'MISSED'}"
+        )
+        one, experts = result["lora-1x1"][0] / lora_ms, result[many][0] / lora_ms
+        lora_met = one <= TARGET_LORA_ONE_EXPERT and experts <= TARGET_LORA_EXPERTS
+        ok &= lora_met
+        print(
+            f"{'':>11} lora-1x1/LoRA {one:.2f}x (target <= {TARGET_LORA_ONE_EXPERT}x), "
+            f"{many}/LoRA {experts:.2f}x (target <= {TARGET_LORA_EXPERTS}x): {'met' if lora_met else 'MISSED'}"
         )
     return 0 if ok or not args.strict else 1
 
