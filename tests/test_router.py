@@ -138,7 +138,7 @@ def test_one_decision_per_token_shared_by_the_three_projections():
     router = make_router()
     calls = []
     original = router.forward
-    router.forward = lambda x, context=None: calls.append(1) or original(x, context)
+    router.forward = lambda x, context=None, layer=0: calls.append(1) or original(x, context, layer)
     banks = {name: _Recorder(log, name) for name in ("gate_proj", "up_proj", "down_proj")}
     mlp = SRDEMLP(_MLP(), router, banks, layer=3)
     with mlp.context.using(ForwardContext()) as context:

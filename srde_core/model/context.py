@@ -14,7 +14,7 @@ under gradient checkpointing cannot count anything twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,7 +31,8 @@ class ForwardContext:
 
     :ivar domain_ids: the domain of each example or token (long).
     :ivar difficulty: a difficulty in [0, 1] per example or token (float).
-    :ivar forced_experts: experts to route to, ``[B]``/``[T]`` (one each) or ``[B, k]``/``[T, k]``;
+    :ivar forced_experts: experts to route to, ``[B]``/``[T]`` (one each) or ``[B, k]``/``[T, k]``,
+        or a mapping from decoder layer to such a tensor (layers with different expert counts);
         routers then use these, with equal gate weights (Phase 1 expert pre-training).
     :ivar budget: the fraction of its entries a bank may use per example or token, in (0, 1]
         (dynamic sparsity); banks that cannot vary their size ignore it.
@@ -40,7 +41,7 @@ class ForwardContext:
 
     domain_ids: torch.Tensor | None = None
     difficulty: torch.Tensor | None = None
-    forced_experts: torch.Tensor | None = None
+    forced_experts: torch.Tensor | Mapping[int, torch.Tensor] | None = None
     budget: torch.Tensor | None = None
     routings: dict[int, Routing] = field(default_factory=dict)
 
@@ -55,6 +56,12 @@ class ForwardContext:
         if num_tokens % value.shape[0]:
             raise ValueError(f"metadata for {value.shape[0]} rows does not divide {num_tokens} tokens")
         return value.repeat_interleave(num_tokens // value.shape[0], dim=0)
+
+    def forced_for(self, layer: int) -> torch.Tensor | None:
+        """The forced assignment of decoder layer ``layer`` (None: the router decides)."""
+        if isinstance(self.forced_experts, Mapping):
+            return self.forced_experts.get(layer)
+        return self.forced_experts
 
     def record(self, layer: int, routing: Routing) -> None:
         self.routings[layer] = routing

@@ -62,7 +62,7 @@ class SRDEMLP(nn.Module):
     def route(self, x: torch.Tensor, context: ForwardContext):
         """This layer's routing of the flat tokens ``x`` (router, then the combine step), recorded
         in ``context``."""
-        routing = self.combine.weights(self.router(x, context), x, context)
+        routing = self.combine.weights(self.router(x, context, self.layer), x, context)
         context.record(self.layer, routing)
         return routing
 

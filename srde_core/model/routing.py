@@ -88,10 +88,16 @@ class Router(nn.Module, ABC):
     def route(self, x: torch.Tensor, context: ForwardContext) -> Routing:
         """The router's own decision for the tokens ``x``."""
 
-    def forward(self, x: torch.Tensor, context: ForwardContext | None = None) -> Routing:
+    def warm_start(self, directions: torch.Tensor, sample: torch.Tensor) -> None:
+        """Point expert ``e`` at ``directions[e]`` (``[E, H]``: e.g. its domain's centroid minus the
+        mean hidden state), scaled on ``sample`` (``[N, H]`` inputs of this layer) so the logits
+        separate the experts without saturating. Routers that cannot raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} has no warm start")
+
+    def forward(self, x: torch.Tensor, context: ForwardContext | None = None, layer: int = 0) -> Routing:
         context = context if context is not None else ForwardContext()
         routing = self.route(x, context)
-        forced = context.per_token(context.forced_experts, x.shape[0])
+        forced = context.per_token(context.forced_for(layer), x.shape[0])
         if forced is None:
             return routing
         forced = forced.reshape(x.shape[0], -1).to(device=x.device, dtype=torch.long)

@@ -46,6 +46,14 @@ class TopKRouter(Router):
             weights = F.softmax(top_logits, dim=-1)
         return Routing(experts=experts, weights=weights, probs=probs, logits=logits, num_experts=self.num_experts)
 
+    @torch.no_grad()
+    def warm_start(self, directions: torch.Tensor, sample: torch.Tensor) -> None:
+        """Gate rows along ``directions`` (unit length), scaled so the logits on ``sample`` have a
+        spread of about 2 (a clear but not saturated preference)."""
+        units = directions.float() / directions.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        spread = (sample.float() @ units.T).std().clamp_min(1e-6)
+        self.gate.weight.copy_((units * (2.0 / spread)).to(self.gate.weight.dtype))
+
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, gate={self.normalisation}"
 

@@ -1,4 +1,4 @@
-"""Trainers: dense base pre-training (cached) and joint SRDE training on the frozen base.
+"""Trainers: dense base pre-training (cached), Phase 1 expert pre-training by domain, joint SRDE training.
 
 Registration only (no torch); the trainers live in :mod:`.base_pretrain` and :mod:`.joint`.
 Arguments go in the phase's trainer table: ``trainer = { name = "base_pretrain", cache = false }``.
@@ -18,10 +18,19 @@ class BasePretrainParams(Params):
     )
 
 
+class ExpertPretrainParams(Params):
+    warm_start_router: bool = Field(
+        True, description="afterwards, point each layer's router at the domain centroids of its input"
+    )
+    warm_start_batches: int = Field(4, ge=1, description="training batches (of up to 64) the centroids are computed on")
+
+
 @hookimpl
 def srde_register(registry):
     here = "srde_plugins.trainers"
     registry.add("trainer", "base_pretrain", f"{here}.base_pretrain:BasePretrain", BasePretrainParams,
                  "Dense pre-training of the whole base model (the embedded tiny base); cached across runs.")
+    registry.add("trainer", "expert_pretrain", f"{here}.expert_pretrain:ExpertPretrain", ExpertPretrainParams,
+                 "Phase 1: every example forced to its domain's expert, all experts in one batched step; router warm start.")
     registry.add("trainer", "joint", f"{here}.joint:Joint", NoParams,
                  "Joint SRDE training: routers and expert deltas on the frozen base, with the recipe's losses.")

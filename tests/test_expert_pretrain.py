@@ -1,0 +1,70 @@
+"""Phase 1 (`srde_plugins.trainers` `expert_pretrain`): forced routing by domain, banks only, and a
+router warm start that routes each domain to its expert."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from srde_core.model.context import ForwardContext
+from srde_plugins.trainers.expert_pretrain import domain_assignment, layer_centroids
+
+
+@pytest.fixture(scope="module")
+def phase1_run(tmp_path_factory, plugins):
+    from conftest import RECIPES, run_recipe_in
+
+    workdir = tmp_path_factory.mktemp("phase1")
+    recipe = workdir / "phase1.toml"
+    recipe.write_text(textwrap.dedent(f"""
+        extends = "{RECIPES / 'micro.toml'}"
+        name = "phase1"
+        [srde]
+        layout = {{ name = "uniform", num_experts = 6, top_k = 1 }}
+        [[phases]]
+        name = "base"
+        trainer = "base_pretrain"
+        steps = 30
+        batch_size = 16
+        lr = 3e-3
+        [[phases]]
+        name = "pretrain"
+        trainer = {{ name = "expert_pretrain", warm_start_batches = 2 }}
+        steps = 4
+        batch_size = 8
+        lr = 1e-2
+    """))
+    return run_recipe_in(workdir, recipe, plugins)
+
+
+def test_every_example_is_routed_to_its_domains_expert():
+    plans = [type("Plan", (), {"layer": 0, "num_experts": 4})(), type("Plan", (), {"layer": 3, "num_experts": 2})()]
+    forced = domain_assignment(torch.tensor([0, 1, 5, 2]), plans)
+    assert forced[0].tolist() == [0, 1, 1, 2] and forced[3].tolist() == [0, 1, 1, 0]
+
+
+def test_phase1_trains_the_banks_with_forced_routes_and_leaves_router_training_out(phase1_run):
+    run = phase1_run
+    experts = run.experts
+    batch = {k: v for k, v in __import__("srde_core.data.collate", fromlist=["collate"]).collate(
+        run.data.train.select(range(8)), run.tokenizer.pad_id, "answer", run.data.domains).items()}
+    context = ForwardContext(domain_ids=batch["domain_ids"], forced_experts=domain_assignment(batch["domain_ids"], experts.plans))
+    with torch.no_grad(), experts.forward_context(context):
+        run.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    per_token = batch["domain_ids"].repeat_interleave(batch["input_ids"].shape[1])
+    for routing in context.routings.values():
+        assert torch.equal(routing.experts[:, 0], per_token % 6)
+    values = [p for n, p in experts.trainable_parameters().items() if n.endswith(".values")]
+    assert any(torch.count_nonzero(v) > 0 for v in values)  # the banks trained
+
+
+def test_the_warm_start_routes_most_tokens_of_a_domain_to_its_expert(phase1_run):
+    run, experts = phase1_run, phase1_run.experts
+    centroids, samples = layer_centroids(run, experts, batches=2)
+    for layer, mlp in experts.layers.items():
+        c = centroids[layer] - centroids[layer].mean(0)
+        routed = mlp.router(centroids[layer].to(next(mlp.router.parameters()).device), ForwardContext())
+        assert routed.experts[:, 0].tolist() == list(range(6)), f"layer {layer}: {routed.experts[:, 0].tolist()}"
+        assert c.norm(dim=1).min() > 0
