@@ -139,9 +139,10 @@ def cmd_run(args) -> int:
     from srde_core.run import execute
 
     run = execute(recipe, plugins, _console(), resume=args.resume, fresh=args.fresh)
-    from srde_core.evaluate.report import print_loss_summary
+    if run.dist.is_main:
+        from srde_core.evaluate.report import print_loss_summary
 
-    print_loss_summary(run)
+        print_loss_summary(run)
     return 0
 
 
@@ -153,9 +154,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from srde_core.evaluate.generation import generate_from_run
+    from srde_core.api import generate
 
-    print(generate_from_run(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, experts=not args.no_experts))
+    print(generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, experts=not args.no_experts))
     return 0
 
 
