@@ -135,6 +135,12 @@ def srde_after_phase(phase: Phase, run: RunContext, metrics: dict[str, Any]) -> 
 
 
 @hookspec
+def srde_after_run(run: RunContext) -> None:
+    """Called once when every phase has run and the adapter is written (close trackers, report).
+    Return None."""
+
+
+@hookspec
 def srde_checkpoint_saving(state: dict[str, Any], run: RunContext) -> None:
     """Called before a checkpoint is written; add this plugin's state under ``state["plugins"]``.
 

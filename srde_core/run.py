@@ -17,12 +17,15 @@ import shutil
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from srde_core.dist import SINGLE, Dist
 from srde_core.errors import SRDEError
 from srde_core.plugins import PluginSet
 from srde_core.recipe.resolve import Recipe
+
+T = TypeVar("T")
 
 RECIPE_FILE = "recipe.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -127,6 +130,7 @@ class RunContext:
     metrics: Any = None  # srde_core.train.metrics.MetricsLog (main process only)
     checkpoints: Any = None  # srde_core.train.checkpoints.CheckpointStore
     base: BaseInfo = field(default_factory=lambda: BaseInfo(""))
+    _plugin_states: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def hook(self):
@@ -139,6 +143,13 @@ class RunContext:
         """Print on the main process (other processes stay quiet)."""
         if self.dist.is_main:
             self.console.print(message, highlight=False, markup=markup)
+
+    def plugin_state(self, name: str, make: Callable[[], T]) -> T:
+        """This run's private state of plugin ``name`` (a tracker's writer, a controller), made by
+        ``make()`` on first use. For the plugin's own use: plugins exchange nothing through it."""
+        if name not in self._plugin_states:
+            self._plugin_states[name] = make()
+        return self._plugin_states[name]
 
     def attach_experts(self):
         """Freeze the base and attach the recipe's SRDE layers (once); return the handle."""
@@ -188,6 +199,7 @@ def execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool = False
                 save_adapter(run_dir / ADAPTER_FILE, run.experts, base_model_id=run.base.id,
                              recipe_hash=recipe.fingerprint(), state=state)
         run.log(f"adapter: {run_dir / ADAPTER_FILE}")
+    run.hook.srde_after_run(run=run)
     dist.barrier()
     return run
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from srde_core.errors import SRDEError
-
-_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def controller_of(run) -> Controller | None:
@@ -15,9 +12,7 @@ def controller_of(run) -> Controller | None:
     settings = run.recipe.settings("adaptive_sparsity")
     if not settings.enabled:
         return None
-    if run not in _CONTROLLERS:
-        _CONTROLLERS[run] = Controller(run, settings)
-    return _CONTROLLERS[run]
+    return run.plugin_state("adaptive_sparsity", lambda: Controller(run, settings))
 
 
 class Controller:
