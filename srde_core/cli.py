@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from srde_core import __version__
@@ -149,7 +150,13 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from srde_core.evaluate.report import evaluate_run
 
-    evaluate_run(args.run_dir, _console(), max_examples=args.max_examples, as_json=args.json)
+    console = _console()
+    result = evaluate_run(args.run_dir, console, max_examples=args.max_examples, as_json=args.json)
+    if args.plots:
+        from srde_core.evaluate.plots import plots_for_run
+
+        written = plots_for_run(args.run_dir, result)
+        print(f"plots: {len(written)} PNG files in {Path(args.run_dir) / 'plots'}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -188,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--max-examples", type=int, default=None, help="examples per domain (default: the recipe's)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plots", action="store_true", help="also write PNG figures into RUN_DIR/plots (needs matplotlib)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with a run's model and experts")

@@ -64,7 +64,10 @@ def test_a_micro_run_trains_on_the_curriculum_batches(tmp_path, plugins, micro_r
                  "phases.experts.log_every=1"]
     run = run_recipe_in(tmp_path, micro_recipe, plugins, overrides)
     lines = (tmp_path / "runs" / "micro" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines if '"experts"' in line] == list(range(1, 7))
+    experts = [json.loads(line) for line in lines if '"experts"' in line]
+    assert [m["step"] for m in experts] == list(range(1, 7))
+    competence = [m["competence"] for m in experts]
+    assert competence == sorted(competence) and competence[0] == 0.1
     from srde_core.train.driver import Batches
 
     batches = Batches(run, run.recipe.phases[1])

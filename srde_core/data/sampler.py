@@ -19,6 +19,11 @@ class Sampler(ABC):
         """``batch_size`` example indices of ``dataset`` (a ``datasets.Dataset``) for global
         micro-batch ``step`` (0-based, counting micro-batches) of ``phase``."""
 
+    def metrics(self, step: int, batch_size: int, dataset_size: int) -> dict[str, float]:
+        """Numbers to log with the optimiser step that starts at micro-batch ``step`` (e.g. a
+        curriculum's competence); none by default."""
+        return {}
+
 
 def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
     """Process ``rank``'s share of a global batch (contiguous, equal shares)."""

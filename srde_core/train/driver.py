@@ -51,6 +51,11 @@ class Batches:
         )
         return shard(list(global_batch), dist.rank, dist.world_size)
 
+    def sampler_metrics(self, step: int) -> dict[str, float]:
+        """What the sampler logs for optimiser step ``step`` (0-based)."""
+        accum, world = self.phase.grad_accum, self.run.dist.world_size
+        return self.sampler.metrics(step * accum, self.phase.batch_size * world, len(self.run.data.train))
+
     def get(self, micro_step: int) -> dict[str, torch.Tensor]:
         from srde_core.data.collate import collate
 
@@ -143,7 +148,8 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
             tokens += float(metrics.pop("tokens", 0.0)) * dist.world_size
             elapsed = time.perf_counter() - started
             done = step + 1
-            metrics = {"phase": phase.name, "step": done, **metrics, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+            metrics = {"phase": phase.name, "step": done, **metrics, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                       **batches.sampler_metrics(step)}
             for obj in observers:
                 obj.observe(done, metrics)
             run.hook.srde_after_step(phase=phase, run=run, step=done, metrics=metrics)

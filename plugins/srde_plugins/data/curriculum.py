@@ -36,6 +36,9 @@ class CurriculumSampler(Sampler):
             value = math.sqrt(t * (1.0 - c0 * c0) + c0 * c0)
         return min(1.0, value)
 
+    def metrics(self, step: int, batch_size: int, dataset_size: int) -> dict[str, float]:
+        return {"competence": self.competence(step, batch_size, dataset_size)}
+
     def indices(self, dataset, phase, step: int, batch_size: int, seed: int) -> list[int]:
         if "difficulty" not in dataset.column_names:
             raise DataError("the curriculum sampler needs a 'difficulty' column in the training data", key="data.columns.difficulty")
