@@ -28,6 +28,12 @@ class RecipeError(SRDEError):
     exit_code = 2
 
 
+class UsageError(SRDEError):
+    """The command line (an option's value) is wrong."""
+
+    exit_code = 2
+
+
 class PluginError(SRDEError):
     """A plugin failed to load or registered something invalid."""
 
