@@ -178,8 +178,10 @@ def evaluate_with_harness(run_dir: str | Path, tasks: list[str], *, experts: boo
         paths.append(str(write_local_tasks(run, Path(run_dir) / "lm_eval")))
     if include_path:
         paths.append(include_path)
-    manager = TaskManager(include_path=paths or None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
+    # Indexing the harness's thousands of built-in task files takes seconds: only when asked for.
+    only_ours = all(task in LOCAL_TASKS for task in tasks) and not include_path
+    manager = TaskManager(include_path=paths or None, include_defaults=not only_ours)
+    unknown = [t for t in tasks if t not in manager.all_tasks and t not in LOCAL_TASKS]
     if unknown:
         raise UsageError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks: {', '.join(LOCAL_TASKS)}", key="--tasks")
     model = SRDELM(str(run_dir), experts=experts, batch_size=batch_size)
