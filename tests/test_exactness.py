@@ -174,7 +174,9 @@ def test_fast_path_matches_reference_bfloat16(delta, selector):
     mlp = build_layer(delta, selector, 32, 48, 4, 2)
     mlp.base.to(torch.bfloat16)  # as attached to a bf16 model: base bf16, routers and banks fp32
     x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    assert_matches(mlp, x, rtol=5e-2, atol=5e-2, compare_dtype=torch.float32)
+    # Measured worst error max|fast - ref| / (scale + |ref|) over the output and every gradient:
+    # 1.28e-2 (lora: gate_proj.lora_A), 5.8e-3 (sparse-magnitude), 5.0e-3 (sparse-random); about 2x.
+    assert_matches(mlp, x, rtol=2.5e-2, atol=2.5e-2, compare_dtype=torch.float32)
 
 
 @pytest.mark.parametrize(("delta", "selector"), COMBOS, ids=COMBO_IDS)

@@ -122,6 +122,7 @@ def attach_recipe_experts(model, recipe, *, gather=None):
 def attach_from_recipe(run):
     """Freeze the run's base model and attach the recipe's experts; then let plugins configure it."""
     experts = attach_recipe_experts(run.model, run.recipe, gather=run.engine.gather if run.engine is not None else None)
+    run.experts = experts  # plugins configuring the model see the handle
     run.hook.srde_configure_model(model=run.model, run=run)
     count = sum(p.numel() for p in experts.trainable_parameters().values())
     run.log(f"experts: {len(experts.layers)} layers, {count / 1e6:.2f}M trainable parameters")

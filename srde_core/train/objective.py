@@ -73,23 +73,41 @@ class Objective:
 
 
 def supervised_step(objective: Objective) -> StepFn:
-    """One optimiser step over ``grad_accum`` micro-batches of the objective."""
+    """One optimiser step over ``grad_accum`` micro-batches of the objective.
+
+    Micro-batches are weighted by their share of the step's labelled tokens (counted over every
+    process), so ``grad_accum = k`` at batch ``b`` is the same step as batch ``k * b`` for token-mean
+    losses such as the LM loss; losses that are means over something else (router losses) are then
+    weighted the same way.
+    """
 
     def step(ctx: StepContext) -> dict[str, Any]:
-        accum = ctx.phase.grad_accum
+        micro = list(ctx.micro_batches())
+        shares = token_shares([batch for _, batch in micro], ctx.run.dist)
         sums: dict[str, float] = {}
         tokens = 0
-        for last, batch in ctx.micro_batches():
+        for (last, batch), share in zip(micro, shares):
             with ctx.session.micro_step(last):
                 with ctx.session.autocast():
                     loss, parts = objective(batch, ctx.step, ctx.session)
-                ctx.session.backward(loss / accum)
+                ctx.session.backward(loss * share)
             for key, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value / accum
+                sums[key] = sums.get(key, 0.0) + value * share
             tokens += int(batch["attention_mask"].sum())
         return {**sums, **ctx.session.step(), "tokens": tokens}
 
     return step
+
+
+def token_shares(batches: list[dict[str, torch.Tensor]], dist: Any) -> list[float]:
+    """Each micro-batch's share of the labelled (next-token) targets of the step, over every
+    process; equal shares when no micro-batch has any."""
+    counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in batches], dtype=torch.float64)
+    counts = dist.all_sum(counts)
+    total = float(counts.sum())
+    if total <= 0:
+        return [1.0 / len(batches)] * len(batches)
+    return [float(c) / total for c in counts]
 
 
 def router_statistics(routings) -> dict[str, float]:
