@@ -117,3 +117,12 @@ def test_validate_succeeds_on_every_shipped_recipe(capsys):
         if recipe.name.startswith("_"):
             continue
         assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+
+
+def test_a_component_table_naming_another_component_replaces_the_old_one(tmp_path, plugins, micro_recipe):
+    child = write(tmp_path / "c.toml", f'extends = "{micro_recipe}"\n[srde]\ndelta = {{ name = "lora", rank = 4 }}\n')
+    recipe = load_recipe(child, plugins)
+    assert recipe.srde.delta.name == "lora" and recipe.srde.delta.params.rank == 4
+    same = write(tmp_path / "s.toml", f'extends = "{micro_recipe}"\n[srde]\ndelta = {{ name = "sparse", init_importance = 1.0 }}\n')
+    merged = load_recipe(same, plugins).srde.delta.params
+    assert merged.density == 0.05 and merged.init_importance == 1.0  # same component: arguments merge

@@ -112,7 +112,11 @@ class Layers:
     def _merge_into(self, target: dict, data: dict, prefix: KeyPath, source: str) -> None:
         for key, value in data.items():
             path = (*prefix, key)
-            if isinstance(value, dict) and isinstance(target.get(key), dict):
+            base = target.get(key)
+            # A component table that names another component replaces the old one: the old
+            # component's arguments mean nothing to the new one.
+            other_component = isinstance(base, dict) and isinstance(value, dict) and "name" in value and base.get("name") != value["name"]
+            if isinstance(value, dict) and isinstance(base, dict) and not other_component:
                 self._merge_into(target[key], value, path, source)
             else:
                 # Tables merge key by key; arrays and scalars replace what a base file had.
@@ -176,7 +180,11 @@ def parse_value(text: str) -> Any:
 
 
 def read_layers(reference: str | Path, overrides: list[str] = ()) -> Layers:
-    """Read a recipe and its ``extends`` chain (base first), then apply ``--set`` overrides."""
+    """Read a recipe and its ``extends`` chain (base first), then apply ``--set`` overrides.
+
+    Tables merge key by key, except a component table whose ``name`` differs from the one it
+    extends: it replaces it (``delta = { name = "lora", rank = 4 }`` over a sparse delta drops the
+    sparse arguments)."""
     chain: list[tuple[Path, dict[str, Any]]] = []
     seen: list[Path] = []
     is_preset = str(reference).startswith(PRESET_PREFIX)

@@ -93,17 +93,19 @@ def drive(
     step_fn: StepFn,
     *,
     state: Mapping[str, Any] | None = None,
+    updates_per_step: int = 1,
 ) -> dict[str, Any]:
     """Run ``phase.steps`` optimiser steps of ``step_fn``; resume from the latest checkpoint if asked.
 
     ``step_fn`` returns the step's metrics (``loss`` and parts, ``lr``, ``grad_norm``, ...).
     ``state`` names objects with ``state_dict``/``load_state_dict`` (scalar schedules, samplers
     with state) that are checkpointed with the phase; those with ``observe(step, metrics)`` see
-    every step's metrics.
+    every step's metrics. ``updates_per_step``: optimiser updates ``step_fn`` makes per step (the LR
+    schedule spans them all).
     """
     state = dict(state or {})
     dist = run.dist
-    session = run.engine.start(target, OptimizerSpec.from_phase(phase), run)
+    session = run.engine.start(target, OptimizerSpec.from_phase(phase, updates_per_step), run)
     if run.experts is not None:
         run.experts.add_remap_listener(session.remap)
     try:

@@ -43,13 +43,15 @@ class OptimizerSpec:
     precision: str = "auto"
 
     @classmethod
-    def from_phase(cls, phase: Any) -> OptimizerSpec:
+    def from_phase(cls, phase: Any, updates_per_step: int = 1) -> OptimizerSpec:
+        """The phase's spec; the LR schedule spans ``phase.steps * updates_per_step`` optimiser
+        updates (RL trainers make several updates per step)."""
         return cls(
             lr=phase.lr,
             weight_decay=phase.weight_decay,
             betas=(phase.beta1, phase.beta2),
             max_grad_norm=phase.max_grad_norm or None,  # 0 disables clipping
-            schedule=phase.scheduler.build(total_steps=phase.steps),
+            schedule=phase.scheduler.build(total_steps=phase.steps * updates_per_step),
             precision=phase.precision,
         )
 

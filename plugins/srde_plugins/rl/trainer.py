@@ -1,0 +1,255 @@
+"""The `grpo` and `ppo` trainers (registered by :mod:`srde_plugins.rl`).
+
+One driver step: sample answers to the step's prompts (the policy: experts on), score them, compute
+the log-probabilities of the sampled tokens under the policy at sampling time and under the reference
+(experts off), then ``epochs`` clipped updates. The step driver supplies resume, checkpoints, metrics,
+RNG (sampling uses the global RNG, restored on resume) and the data position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from srde_core.evaluate import evaluation_state
+from srde_core.model.context import ForwardContext
+from srde_core.train.driver import StepContext, TrainingTarget, drive
+from srde_core.train.trainer import Trainer
+
+
+@dataclass
+class Rollout:
+    """``N = prompts * group_size`` sampled answers, right-padded as prompt + answer."""
+
+    ids: torch.Tensor  # [N, L]
+    mask: torch.Tensor  # [N, L]
+    positions: torch.Tensor  # [N, C]: the position whose output predicts answer token c
+    targets: torch.Tensor  # [N, C]: the answer tokens (0 where padded)
+    valid: torch.Tensor  # [N, C] bool
+    rewards: torch.Tensor  # [N]
+    correct: torch.Tensor  # [N]
+    old: torch.Tensor  # [N, C] log-probabilities under the sampling policy
+    ref: torch.Tensor  # [N, C] log-probabilities under the reference (experts off)
+    values: torch.Tensor | None = None  # [N, C] (ppo)
+
+
+class KLController:
+    """The KL coefficient, adapted toward ``target`` when one is set (checkpointed)."""
+
+    def __init__(self, coef: float, target: float | None):
+        self.coef, self.target = coef, target
+
+    def update(self, kl: float) -> None:
+        if self.target is None:
+            return
+        if kl > 1.5 * self.target:
+            self.coef *= 1.5
+        elif kl < self.target / 1.5:
+            self.coef /= 1.5
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.coef = state["coef"]
+
+
+class GRPO(Trainer):
+    """Group-relative policy optimisation of the SRDE parameters."""
+
+    uses_values = False
+
+    def __init__(self, params):
+        self.params = params
+
+    # -- the phase ------------------------------------------------------------------------------
+    def run(self, run, phase):
+        self.run_ctx = run
+        self.experts = run.attach_experts()
+        self.verifier = self.params.verifier.build()
+        self.kl = KLController(self.params.kl_coef, self.params.kl_target)
+        self.lm_head = run.model.get_output_embeddings()
+        parameters = dict(self.experts.trainable_parameters())
+        self.value_head = None
+        if self.uses_values:
+            hidden = self.experts.stack.hidden_size
+            self.value_head = nn.Linear(hidden, 1).to(device=run.device, dtype=torch.float32)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+            parameters.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
+        target = TrainingTarget(run.model, list(parameters.values()), self.get_state, self.set_state)
+        return drive(run, phase, target, self.step, state={"kl": self.kl}, updates_per_step=self.params.epochs)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.experts.adapter.state_dict())
+        if self.value_head is not None:
+            state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
+        return state
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.experts.adapter.load_state_dict({k: v for k, v in state.items() if not k.startswith("value_head.")})
+        if self.value_head is not None:
+            self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")})
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self, ctx: StepContext) -> dict[str, Any]:
+        run, p = ctx.run, self.params
+        rows = run.data.train.select(ctx.batches.indices(ctx.step * ctx.phase.grad_accum))
+        rollout = self.rollout(ctx, [dict(row) for row in rows])
+        advantages, returns = self.advantages(rollout)
+        stats: dict[str, float] = {}
+        clipped = []
+        for _ in range(p.epochs):
+            with ctx.session.autocast():
+                loss, clip_fraction = self.loss(ctx, rollout, advantages, returns)
+            ctx.session.backward(loss)
+            stats = ctx.session.step()
+            clipped.append(clip_fraction)
+        kl = float(((rollout.old - rollout.ref) * rollout.valid).sum() / rollout.valid.sum().clamp_min(1))
+        metrics = {
+            "loss": float(loss.detach()), "reward": float(rollout.rewards.mean()), "accuracy": float(rollout.correct.mean()),
+            "kl": kl, "kl_coef": self.kl.coef, "clip_fraction": sum(clipped) / len(clipped), **stats,
+            "tokens": int(rollout.mask.sum()),
+        }
+        self.kl.update(kl)
+        return metrics
+
+    @torch.no_grad()
+    def rollout(self, ctx: StepContext, rows: list[dict[str, Any]]) -> Rollout:
+        from transformers import GenerationConfig
+
+        run, p = ctx.run, self.params
+        tok, model = run.tokenizer, run.model
+        prompts = [tok.encode(row["prompt"], bos=True, eos=False) for row in rows for _ in range(p.group_size)]
+        width = max(len(x) for x in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
+        config = GenerationConfig(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
+                                  max_new_tokens=p.max_new_tokens, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
+        with evaluation_state(model, self.experts, enabled=True):
+            out = model.generate(input_ids=ids.to(run.device), attention_mask=mask.to(run.device), generation_config=config)
+        answers = []
+        for row in out[:, width:].tolist():
+            answers.append(row[: row.index(tok.eos_id) + 1] if tok.eos_id in row else row)  # keep EOS: it is a choice
+        rewards, correct = [], []
+        for i, answer in enumerate(answers):
+            tokens = [t for t in answer if t != tok.eos_id]
+            score = float(self.verifier.score(rows[i // p.group_size], tok.decode(tokens), tokens))
+            rewards.append(score)
+            correct.append(1.0 if score > 0 else 0.0)
+        batch = self.pack(prompts, answers, tok.pad_id, run.device)
+        with evaluation_state(model, self.experts, enabled=True), self.experts.forward_context(ForwardContext()) as seen:
+            old, hidden = self.logprobs(ctx, batch, grad=False)
+        with evaluation_state(model, self.experts, enabled=False):
+            ref, _ = self.logprobs(ctx, batch, grad=False)
+        rewards_t = torch.tensor(rewards, device=run.device)
+        if p.utilization_weight and seen.routings:
+            loads = torch.stack([r.load() for r in seen.routings.values()])  # [layers, E]
+            imbalance = float((loads.shape[1] * loads.pow(2).sum(1) - 1).mean())
+            rewards_t = rewards_t - p.utilization_weight * imbalance
+        values = self.value_head(hidden).squeeze(-1) * batch["valid"] if self.value_head is not None else None
+        return Rollout(batch["ids"], batch["mask"], batch["positions"], batch["targets"], batch["valid"], rewards_t,
+                       torch.tensor(correct, device=run.device), old, ref, values)
+
+    @staticmethod
+    def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+        """Right-padded prompt + answer rows and, per answer token, the position that predicts it."""
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        width = max(1, max(len(a) for a in answers))
+        n = len(prompts)
+        ids = torch.full((n, length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        targets = torch.zeros((n, width), dtype=torch.long)
+        valid = torch.zeros((n, width), dtype=torch.bool)
+        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+            row = prompt + answer
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+            k = len(answer)
+            positions[i, :k] = torch.arange(len(prompt) - 1, len(prompt) - 1 + k)
+            targets[i, :k] = torch.tensor(answer, dtype=torch.long)
+            valid[i, :k] = True
+        return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, positions=positions, targets=targets, valid=valid).items()}
+
+    def logprobs(self, ctx: StepContext, batch: dict[str, torch.Tensor], *, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities ``[N, C]`` of the answer tokens, and the hidden states ``[N, C, H]``
+        that predict them; through the engine's forward when ``grad``."""
+        with ctx.session.autocast(), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            hidden = ctx.session.forward(input_ids=batch["ids"], attention_mask=batch["mask"])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        picked = hidden[rows, batch["positions"]]  # [N, C, H]
+        logits = self.lm_head(picked).float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None]).squeeze(-1)
+        return logprobs * batch["valid"], picked.float()
+
+    # -- the objective --------------------------------------------------------------------------
+    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per answer token: the group-relative advantage of its answer (GRPO)."""
+        g = self.params.group_size
+        rewards = rollout.rewards.view(-1, g)
+        normalised = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+        return normalised.reshape(-1, 1).expand_as(rollout.old) * rollout.valid, None
+
+    def policy_terms(self, new: torch.Tensor, rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.params.clip
+        ratio = torch.exp(new - rollout.old)
+        surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+        clipped = ((ratio - 1).abs() > eps) & rollout.valid
+        return -surrogate, clipped
+
+    def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float]:
+        batch = {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
+                 "valid": rollout.valid}
+        new, _ = self.logprobs(ctx, batch, grad=True)
+        policy, clipped = self.policy_terms(new, rollout, advantages)
+        delta = rollout.ref - new
+        kl = torch.exp(delta) - delta - 1  # k3: an unbiased, non-negative KL(new || ref) estimate
+        per_token = (policy + self.kl.coef * kl) * rollout.valid
+        lengths = rollout.valid.sum(1).clamp_min(1)
+        loss = (per_token.sum(1) / lengths).mean()
+        return loss, float(clipped.sum() / rollout.valid.sum().clamp_min(1))
+
+
+class PPO(GRPO):
+    """Clipped PPO with a value head, GAE over the answer tokens, and the KL to the reference in the reward."""
+
+    uses_values = True
+
+    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = rollout.valid.float()
+        rewards = -self.kl.coef * (rollout.old - rollout.ref) * valid
+        last = (valid.sum(1).long() - 1).clamp_min(0)
+        rows = torch.arange(rewards.shape[0], device=rewards.device)
+        rewards[rows, last] += rollout.rewards
+        values = rollout.values
+        advantages = torch.zeros_like(rewards)
+        running = torch.zeros(rewards.shape[0], device=rewards.device)
+        lam, width = self.params.gae_lambda, rewards.shape[1]
+        for t in reversed(range(width)):  # gamma = 1; the value after the last token is 0
+            carry = valid[:, t + 1] if t + 1 < width else torch.zeros_like(running)
+            next_value = values[:, t + 1] * carry if t + 1 < width else torch.zeros_like(running)
+            delta = rewards[:, t] + next_value - values[:, t]
+            running = (delta + lam * running * carry) * valid[:, t]
+            advantages[:, t] = running
+        returns = advantages + values
+        mean = advantages[rollout.valid].mean()
+        std = advantages[rollout.valid].std().clamp_min(1e-6) if int(rollout.valid.sum()) > 1 else torch.ones(())
+        return ((advantages - mean) / std) * valid, returns
+
+    def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float]:
+        batch = {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
+                 "valid": rollout.valid}
+        new, hidden = self.logprobs(ctx, batch, grad=True)
+        policy, clipped = self.policy_terms(new, rollout, advantages)
+        values = self.value_head(hidden).squeeze(-1)
+        tokens = rollout.valid.sum().clamp_min(1)
+        value_loss = (((values - returns) ** 2) * rollout.valid).sum() / tokens
+        loss = (policy * rollout.valid).sum() / tokens + self.params.value_coef * value_loss
+        return loss, float(clipped.sum() / tokens)
