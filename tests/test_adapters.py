@@ -197,3 +197,19 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
         save_adapter(path, srde, base_model_id=BASE, recipe_hash="third")
     assert [p.name for p in path.parent.iterdir()] == ["adapter.safetensors"]
     assert read_adapter_metadata(path).recipe_hash == "second"
+
+
+def test_an_adapter_from_before_a_component_argument_existed_loads_with_a_warning(tmp_path):
+    trained = make(seed=0)
+    path = save_adapter(tmp_path / "a.safetensors", trained, base_model_id=BASE, recipe_hash="h")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    structure = json.loads(metadata["structure"])
+    del structure["components"]["delta"]["params"]["density"]  # as if written before `density` existed
+    rewrite_metadata(path, structure=json.dumps(structure))
+    with pytest.warns(UserWarning, match="components.delta.params.density"):
+        load_adapter(path, make(seed=1), base_model_id=BASE)
+    del structure["components"]["delta"]  # a whole component missing is a real difference
+    rewrite_metadata(path, structure=json.dumps(structure))
+    with pytest.raises(SRDEError, match="structure differs: components.delta"):
+        load_adapter(path, make(seed=1), base_model_id=BASE)

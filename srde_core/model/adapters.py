@@ -154,6 +154,33 @@ def _first_difference(saved: Any, current: Any, where: str = "") -> str | None:
     return None
 
 
+def _added_arguments(saved: Any, current: Any, where: str = "components") -> list[str]:
+    """Dotted paths of component arguments the current model has and the adapter does not."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return []
+    found = []
+    for key, value in current.items():
+        here = f"{where}.{key}"
+        if key not in saved:
+            if where.count(".") >= 2:  # inside some component's params, not a whole component
+                found.append(here)
+        else:
+            found += _added_arguments(saved[key], value, here)
+    return found
+
+
+def _with_added(saved: Any, current: Any, where: str = "components") -> Any:
+    """``saved`` with the component arguments only ``current`` has (see :func:`_added_arguments`)
+    filled in from ``current``; whole components stay as saved."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return saved
+    merged = {k: _with_added(v, current.get(k), f"{where}.{k}") for k, v in saved.items()}
+    if where.count(".") >= 2:
+        for key, value in current.items():
+            merged.setdefault(key, value)
+    return merged
+
+
 def load_adapter(
     path: str | os.PathLike[str], srde_model: SRDEModel, *, base_model_id: str
 ) -> AdapterMetadata:
@@ -175,8 +202,16 @@ def load_adapter(
         raise _error(path, f"built for base '{meta.base_model}', this model is '{base_model_id}'")
 
     current = json.loads(json.dumps(srde_model.describe()))
+    saved_structure = dict(meta.structure)
+    # Component arguments that a newer srde added (absent from the adapter) take their defaults:
+    # tolerated with a warning. Everything else must match.
+    added = _added_arguments(saved_structure.get("components", {}), current.get("components", {}))
+    if added:
+        warnings.warn(f"{path}: written before these component arguments existed, loading with their current values: "
+                      f"{', '.join(added)}", stacklevel=2)
+        saved_structure["components"] = _with_added(saved_structure.get("components", {}), current.get("components", {}))
     for part, label in (("layers", "layout differs"), (None, "structure differs")):
-        saved = meta.structure.get(part) if part else meta.structure
+        saved = saved_structure.get(part) if part else saved_structure
         here = current.get(part) if part else current
         found = _first_difference(saved, here, part or "")
         if found:
