@@ -36,6 +36,7 @@ def test_tensorboard_has_every_logged_scalar(tracked_run):
     tags = set(events.Tags()["scalars"])
     assert {"experts/loss", "experts/lm", "experts/load_balance", "experts/lr", "experts/grad_norm",
             "experts/router_max_load", "experts/router_entropy", "base/loss"} <= tags
+    assert {"eval/routing_layer0", "eval/routing_layer1"} <= set(events.Tags()["images"])
     experts = [m for m in metrics if m["phase"] == "experts"]
     logged = events.Scalars("experts/loss")
     assert [e.step for e in logged] == [m["step"] for m in experts]

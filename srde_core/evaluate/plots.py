@@ -92,16 +92,23 @@ def write_plots(run_dir: str | Path, name: str, metrics: list[dict[str, Any]], e
 
     routing = (evaluation or {}).get("routing") or {}
     for layer, summary in sorted(routing.get("layers", {}).items(), key=lambda kv: int(kv[0])):
-        counts = summary["counts"]
-        shares = [[c / max(1, sum(row)) for c in row] for row in counts]
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(summary["domains"]), 1.2 + 0.5 * len(counts)))
-        image = ax.imshow(shares, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(summary["domains"])), summary["domains"], rotation=30, ha="right")
-        ax.set_yticks(range(len(counts)), [f"expert {e}" for e in range(len(counts))])
-        ax.set(xlabel="domain", ylabel="expert", title=f"{name}: layer {layer} routing (purity {summary['purity']:.2f})")
-        fig.colorbar(image, ax=ax, label="share of the expert's slots")
-        save(fig, f"routing_layer{layer}.png")
+        save(routing_figure(summary["counts"], summary["domains"], f"{name}: layer {layer} routing (purity {summary['purity']:.2f})"),
+             f"routing_layer{layer}.png")
     return written
+
+
+def routing_figure(counts: list[list[int]], domains: list[str], title: str):
+    """The expert x domain heatmap of one layer: each expert's slots by domain, as shares."""
+    plt = _pyplot()
+    shares = [[c / max(1, sum(row)) for c in row] for row in counts]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(domains), 1.2 + 0.5 * len(counts)))
+    image = ax.imshow(shares, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    ax.set_yticks(range(len(counts)), [f"expert {e}" for e in range(len(counts))])
+    ax.set(xlabel="domain", ylabel="expert", title=title)
+    fig.colorbar(image, ax=ax, label="share of the expert's slots")
+    fig.tight_layout()
+    return fig
 
 
 def plots_for_run(run_dir: str | Path, evaluation: dict | None) -> list[Path]:

@@ -9,7 +9,9 @@
     mode = "offline"               # offline (RUN_DIR/wandb, sync later with `wandb sync`), online, disabled
 
 Every logged step's numbers go to the tracker under ``<phase>/<metric>`` (losses and their parts, LR,
-grad norm, router load and entropy, density, tokens/s), on the main process only. A tracker that fails
+grad norm, router load and entropy, density, tokens/s), on the main process only. At the end of the
+run, each SRDE layer's expert x domain routing on the eval rows goes to the tracker as an image
+(``eval/routing_layer<L>``; needs matplotlib). A tracker that fails
 to start stops the run with one line, unless ``on_error = "continue"``, which warns once and goes on.
 """
 
@@ -66,5 +68,10 @@ def srde_after_step(phase, run, step, metrics):
 
 @hookimpl
 def srde_after_run(run):
-    for tracker in _trackers(run):
+    trackers = _trackers(run)
+    if trackers:
+        from srde_plugins.tracking.trackers import log_routing_images
+
+        log_routing_images(run, trackers)
+    for tracker in trackers:
         tracker.close()

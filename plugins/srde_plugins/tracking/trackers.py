@@ -25,6 +25,9 @@ class TensorBoardTracker:
         for key, value in scalars(metrics).items():
             self.writer.add_scalar(f"{phase}/{key}", value, global_step=step)
 
+    def image(self, tag: str, figure) -> None:
+        self.writer.add_figure(tag, figure)
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
@@ -43,6 +46,9 @@ class WandbTracker:
 
     def log(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
         self.run.log({f"{phase}/{k}": v for k, v in scalars(metrics).items()} | {f"{phase}/step": step})
+
+    def image(self, tag: str, figure) -> None:
+        self.run.log({tag: self.wandb.Image(figure)})
 
     def close(self) -> None:
         self.run.finish()
@@ -72,3 +78,33 @@ def _start(run) -> list:
                 raise SRDEError(line, key=f"plugins.{name}") from None
             run.log(f"warning: {line}; the run goes on without it")
     return started
+
+
+def log_routing_images(run, trackers) -> None:
+    """Each SRDE layer's expert x domain routing on the run's eval rows, as a tracker image."""
+    if run.experts is None or run.data is None or run.data.eval is None or len(run.data.eval) == 0:
+        return
+    try:
+        from srde_core.evaluate.plots import routing_figure
+    except SRDEError as err:  # matplotlib missing
+        run.log(f"trackers: no routing images ({err.message})")
+        return
+    from srde_core.evaluate import evaluation_state
+    from srde_core.evaluate.losses import domain_losses, eval_batches, eval_subset
+    from srde_core.evaluate.routing import RoutingCounter, summarize
+
+    domains = run.data.domains
+    rows = eval_subset(run.data.eval, domains, run.recipe.eval.max_examples_per_domain)
+    batches = eval_batches(rows, pad_id=run.tokenizer.pad_id, loss_on=run.recipe.data.loss_on, domains=domains,
+                           batch_size=run.recipe.eval.batch_size)
+    counter = RoutingCounter(run.experts.layers, len(domains))
+    with evaluation_state(run.model, run.experts, enabled=True):
+        domain_losses(run.model, batches, domains, device=run.device, experts=run.experts, after_forward=counter.observe)
+    import matplotlib.pyplot as plt
+
+    for layer, counts in sorted(counter.counts.items()):
+        summary = summarize(counts, domains)
+        figure = routing_figure(summary["counts"], domains, f"{run.recipe.name}: layer {layer} routing (purity {summary['purity']:.2f})")
+        for tracker in trackers:
+            tracker.image(f"eval/routing_layer{layer}", figure)
+        plt.close(figure)
