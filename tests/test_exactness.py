@@ -358,3 +358,40 @@ def test_sparse_delta_positions_and_validation():
         bank.set_positions(bank.positions.flip(1))
     with pytest.raises(ValueError, match="rows"):
         bank.set_positions(bank.positions[:2])
+
+
+# ---- the router's gate normalisations and the combine steps, against the same reference ----------
+
+@pytest.mark.parametrize("gate", ["auto", "softmax_topk", "softmax"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gate_normalisations_match_the_reference(gate, top_k):
+    mlp = build_layer("sparse", "random", 16, 24, 4, top_k, gate=gate)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(12))
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+    assert_matches(mlp.double(), x.double(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("combine", REGISTRIES["combine"].names())
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_every_combine_step_matches_the_reference(combine, top_k):
+    mlp = build_layer("sparse", "random", 16, 24, 4, top_k)
+    step = resolve_component(PLUGINS, "combine", combine).build().make_combine(16, 4, top_k, torch.Generator().manual_seed(3))
+    mlp.combine = step
+    with torch.no_grad():
+        for p in step.parameters():
+            p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(13))
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+    assert_matches(mlp.double(), x.double(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(("gate", "learns"), [("auto", True), ("softmax", True), ("softmax_topk", False)])
+def test_at_top_1_the_router_learns_from_the_task_unless_the_gate_is_the_topk_softmax(gate, learns):
+    """The bug this fixes: with top_k = 1 the softmax over the chosen k is always 1, so the task
+    loss gave the router no gradient (recipes/fast.toml runs top-1)."""
+    mlp = build_layer("sparse", "magnitude", 16, 24, 4, 1, gate=gate)
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(14))
+    target = torch.randn(20, 16, generator=torch.Generator().manual_seed(15))
+    torch.nn.functional.mse_loss(mlp(x), target).backward()  # the task loss alone, no router loss
+    grad = mlp.router.gate.weight.grad
+    assert (grad is not None and bool(grad.abs().sum() > 0)) == learns
