@@ -196,3 +196,27 @@ def test_lm_loss_by_hand_with_and_without_label_smoothing():
     eps = 0.1
     smooth = [(1 - eps) * n + eps * sum(-math.log(p) for p in _softmax(r)) / 3 for (r, _), n in zip(rows, nll)]
     assert causal_lm(LMParams(label_smoothing=eps))(x).item() == pytest.approx(sum(smooth) / 2, rel=1e-6)
+
+
+def test_router_losses_ignore_padding_tokens():
+    """The same real tokens, padded differently, give the same router losses (and so a batch split
+    over processes, each padded to its own longest row, gives what one process gives)."""
+    from srde_core.model.routing import Routing
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, generator=g)
+    probs = torch.softmax(logits, -1)
+    experts = probs.topk(2, -1).indices
+
+    def routed(rows):
+        return Routing(experts[rows], torch.gather(probs, 1, experts)[rows], probs[rows], logits[rows], num_experts=4)
+
+    def value(loss, rows, mask):
+        x = LossInputs(hidden=torch.zeros(1, 1, 7), lm_head=None, labels=None, batch={"attention_mask": mask}, routings=[routed(rows)])
+        return float(loss(NoParams())(x))
+
+    real = value(load_balance, [0, 1, 2, 3, 4, 5], torch.ones(2, 3, dtype=torch.long))
+    padded_rows = [0, 1, 2, 0, 3, 4, 5, 1]  # two padding slots with whatever routing they got
+    padded_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    assert value(load_balance, padded_rows, padded_mask) == pytest.approx(real, rel=1e-6)
+    assert value(router_z, padded_rows, padded_mask) == pytest.approx(value(router_z, list(range(6)), torch.ones(2, 3, dtype=torch.long)), rel=1e-6)

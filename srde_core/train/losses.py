@@ -55,6 +55,14 @@ class LossInputs:
         keep = targets != -100
         return self.hidden[:, :-1][keep], targets[keep]
 
+    def real_tokens(self, tokens: int) -> torch.Tensor | None:
+        """``[tokens]`` bool: which of a layer's flat tokens are real (not padding), from the batch's
+        attention mask; None when the batch has no mask of that size (everything is real)."""
+        mask = self.batch.get("attention_mask") if self.batch else None
+        if mask is None or mask.numel() != tokens:
+            return None
+        return mask.reshape(-1).bool()
+
     def global_mean(self, local_mean: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
         """Turn this process's mean over ``rows`` rows into its share of the global-batch mean:
         ``local_mean * rows * world / global_rows`` (``local_mean`` itself in one process)."""

@@ -60,7 +60,7 @@ class Objective:
             num_domains=self.num_domains, context=context, banks=self.banks, step=step, dist=self.run.dist,
         )
         total = None
-        parts: dict[str, float] = router_statistics(routings) if routings else {}
+        parts: dict[str, float] = router_statistics(routings, batch.get("attention_mask")) if routings else {}
         for name, weight, loss in self.losses:
             value = loss(loss_inputs)
             parts[name] = float(value.detach())
@@ -110,13 +110,17 @@ def token_shares(batches: list[dict[str, torch.Tensor]], dist: Any) -> list[floa
     return [float(c) / total for c in counts]
 
 
-def router_statistics(routings) -> dict[str, float]:
-    """Logging only: the busiest expert's share of routed slots and the routing entropy (nats),
-    averaged over SRDE layers. Read from the forward context's routings, so recomputation under
-    gradient checkpointing cannot count anything twice."""
+def router_statistics(routings, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Logging only: the busiest expert's share of routed slots and the routing entropy (nats), over
+    the real tokens (``attention_mask``), averaged over SRDE layers. Read from the forward context's
+    routings, so recomputation under gradient checkpointing cannot count anything twice."""
+    loads, entropies = [], []
     with torch.no_grad():
-        max_load = torch.stack([r.load().max() for r in routings]).mean()
-        entropy = torch.stack(
-            [-(r.probs * r.probs.clamp_min(1e-9).log()).sum(-1).mean() for r in routings]
-        ).mean()
+        for r in routings:
+            keep = attention_mask.reshape(-1).bool() if attention_mask is not None and attention_mask.numel() == r.probs.shape[0] else None
+            experts, probs = (r.experts, r.probs) if keep is None else (r.experts[keep], r.probs[keep])
+            counts = torch.bincount(experts.reshape(-1), minlength=r.num_experts).float()
+            loads.append(counts.max() / counts.sum().clamp_min(1.0))
+            entropies.append(-(probs * probs.clamp_min(1e-9).log()).sum(-1).mean())
+        max_load, entropy = torch.stack(loads).mean(), torch.stack(entropies).mean()
     return {"router_max_load": float(max_load), "router_entropy": float(entropy)}

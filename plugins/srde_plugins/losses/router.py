@@ -1,7 +1,8 @@
 """Router losses (registered by :mod:`srde_plugins.losses`), averaged over SRDE layers.
 
-Both are means over the tokens of the global batch: the routed fractions ``f`` are counted over
-all processes, and the token means go through ``LossInputs.global_mean``.
+Both are means over the real (non-padding) tokens of the global batch: the routed fractions ``f``
+are counted over all processes, and the token means go through ``LossInputs.global_mean``, so the
+value does not depend on how the batch is padded or split over processes.
 """
 
 from __future__ import annotations
@@ -25,24 +26,32 @@ def load_balance(params):
     return lambda inputs: _layer_mean(inputs, lambda routing: _balance(inputs, routing))
 
 
+def _real(inputs: LossInputs, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(experts, probs, logits) of the real tokens only."""
+    keep = inputs.real_tokens(routing.probs.shape[0])
+    if keep is None:
+        return routing.experts, routing.probs, routing.logits
+    keep = keep.to(routing.probs.device)
+    return routing.experts[keep], routing.probs[keep], routing.logits[keep]
+
+
 def _balance(inputs: LossInputs, routing: Routing) -> torch.Tensor:
-    if inputs.dist.distributed:
-        counts = torch.bincount(routing.experts.reshape(-1), minlength=routing.num_experts).float()
-        counts = inputs.global_sum(counts)
-        fraction = counts / counts.sum().clamp_min(1.0)
-    else:
-        fraction = routing.load()
-    mean_prob = inputs.global_mean(routing.probs.mean(dim=0), routing.probs.shape[0])
+    experts, probs, _ = _real(inputs, routing)
+    counts = torch.bincount(experts.reshape(-1), minlength=routing.num_experts).float()
+    counts = inputs.global_sum(counts)
+    fraction = counts / counts.sum().clamp_min(1.0)
+    mean_prob = inputs.global_mean(probs.mean(dim=0), probs.shape[0])
     return routing.num_experts * torch.sum(fraction * mean_prob)
 
 
 def router_z(params):
     """mean over tokens of logsumexp(logits)^2."""
 
+    def per_layer(inputs: LossInputs, routing: Routing) -> torch.Tensor:
+        _, _, logits = _real(inputs, routing)
+        return inputs.global_mean(torch.logsumexp(logits, dim=-1).pow(2).mean(), logits.shape[0])
+
     def loss(inputs: LossInputs) -> torch.Tensor:
-        return _layer_mean(
-            inputs,
-            lambda r: inputs.global_mean(torch.logsumexp(r.logits, dim=-1).pow(2).mean(), r.logits.shape[0]),
-        )
+        return _layer_mean(inputs, lambda routing: per_layer(inputs, routing))
 
     return loss
