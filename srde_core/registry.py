@@ -76,6 +76,14 @@ class Component:
     contract: Kind | None = field(default=None, compare=False, repr=False)
 
     def build(self, params: Params, **context: Any) -> Any:
+        from srde_core.params import slot_fields
+
+        for name, slot in slot_fields(type(params)).items():
+            if getattr(params, name) is None and (slot.default is not None or slot.required):
+                raise PluginError(
+                    f"{self.kind} '{self.name}': its component field '{name}' was not resolved; build it from a "
+                    f"spec with srde_core.recipe.resolve_component(plugins, '{self.kind}', {{...}})"
+                )
         try:
             factory = resolve_object(self.factory)
         except (ImportError, AttributeError) as err:

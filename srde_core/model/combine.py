@@ -24,7 +24,8 @@ class CombineStep(nn.Module):
     """One layer's combine step. Parameters it owns train and are saved with the adapter."""
 
     def weights(self, routing: Routing, x: torch.Tensor, context: ForwardContext) -> Routing:
-        """The routing the banks use (``routing.with_weights(...)``); by default unchanged."""
+        """The routing the banks use (``routing.with_weights(...)``); by default unchanged. Not
+        called for a layer whose experts the context forces (Phase 1): forced stays forced."""
         return routing
 
     def merge(self, base: torch.Tensor, delta: torch.Tensor, projection: str) -> torch.Tensor:

@@ -60,9 +60,11 @@ class SRDEMLP(nn.Module):
         return out
 
     def route(self, x: torch.Tensor, context: ForwardContext):
-        """This layer's routing of the flat tokens ``x`` (router, then the combine step), recorded
-        in ``context``."""
-        routing = self.combine.weights(self.router(x, context, self.layer), x, context)
+        """This layer's routing of the flat tokens ``x`` (router, then the combine step; a forced
+        assignment from the context skips the combine step), recorded in ``context``."""
+        routing = self.router(x, context, self.layer)
+        if context.forced_for(self.layer) is None:  # a forced assignment is kept as it is
+            routing = self.combine.weights(routing, x, context)
         context.record(self.layer, routing)
         return routing
 
