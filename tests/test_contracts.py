@@ -352,9 +352,9 @@ def test_forced_experts_override_the_plugin_router(kit):
     assert torch.equal(routing.experts, forced.repeat_interleave(4, dim=0))
     # equal weights, kept as they are: a forced assignment skips the combine step
     torch.testing.assert_close(routing.weights, torch.full((8, 2), 0.5, dtype=routing.weights.dtype))
-    # forced weights are constants: the router's gate gets no gradient, in either path
+    # forced weights are constants and skip the combine step: neither the router gate nor the combine gate learns here
     assert_matches_reference(mlp, x, rtol=1e-10, atol=1e-12, context=ForwardContext(forced_experts=forced),
-                             unreached={"router.gate.weight"})
+                             unreached={"router.gate.weight", "combine.v"})
 
 
 def test_a_bank_that_changes_its_active_fraction_computes_with_the_entries_it_keeps(kit):
