@@ -103,3 +103,16 @@ def test_a_run_with_adaptive_sparsity_prunes_and_resumes_exactly(tmp_path, plugi
     assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["loss"] == experts[-1]["loss"] and last["step"] == 8
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exponential", "adaptive"])
+def test_every_density_schedule_says_when_it_is_done(plugins, schedule):
+    from srde_core.recipe import resolve_component
+
+    spec = {"name": schedule, "start": 0.05, "end": 0.01, "steps": 10}
+    built = resolve_component(plugins, "schedule", spec).build()
+    for step in range(1, 30):
+        built.observe(step, {"loss": 1.0})
+    assert built.done(30, 30)
+    fresh = resolve_component(plugins, "schedule", spec).build()
+    assert not fresh.done(0, 30)

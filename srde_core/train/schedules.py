@@ -19,6 +19,10 @@ class Schedule(ABC):
     def value(self, step: int, total_steps: int) -> float:
         """The value at ``step``."""
 
+    def done(self, step: int, total_steps: int) -> bool:
+        """Whether the value has reached its end by ``step`` (it changes no more)."""
+        return step >= total_steps
+
     def observe(self, step: int, metrics: dict[str, Any]) -> None:
         """Called after optimiser step ``step`` (1-based count of steps done) with its metrics."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -10,6 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from srde_core.errors import SRDEError
 from srde_core.train.engine import Engine, EngineSession, OptimizerSpec, TorchSession
+
+if TYPE_CHECKING:
+    from srde_core.model.components import Remap
 
 
 class DDPSession(TorchSession):
@@ -20,17 +25,31 @@ class DDPSession(TorchSession):
         super().__init__(target, spec, device)
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        return DistributedDataParallel(
-            module,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.ddp_params.find_unused_parameters,
-            bucket_cap_mb=self.ddp_params.bucket_cap_mb,
-            broadcast_buffers=False,
-        )
+        with warnings.catch_warnings():
+            # torch >= 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers`, which older
+            # releases (torch >= 2.4 is supported) do not know; the behaviour wanted is the same.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
+            return DistributedDataParallel(
+                module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.ddp_params.find_unused_parameters,
+                bucket_cap_mb=self.ddp_params.bucket_cap_mb,
+                broadcast_buffers=False,
+            )
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
         # Gradients are all-reduced once per optimiser step, in the last micro-batch's backward.
         return contextlib.nullcontext() if last else self.forward.no_sync()
+
+    def remap(self, remaps: list[Remap]) -> None:
+        super().remap(remaps)
+        if any(remap.new is not remap.old for remap in remaps):
+            # DDP hooks the parameters it was built with: replaced ones (a bank pruned or resized,
+            # on every process at the same step) would never be all-reduced, and the old ones never
+            # get a gradient again. Wrap the module anew over the current parameters (a collective).
+            module = self.forward.module
+            self.forward = None  # the old wrapper's reducer unhooks its parameters when it goes
+            self.forward = self.wrap(module)
 
 
 class DDPEngine(Engine):

@@ -49,6 +49,9 @@ class AdaptiveRamp(Schedule):
         self.rate = min(max(self.rate, p.steps / p.longest), p.steps / p.shortest)
         self.reference, self.since = self.ema, 0
 
+    def done(self, step: int, total_steps: int) -> bool:
+        return self.progress >= 1.0
+
     def warmup_steps(self) -> float:
         """The warm-up length the current rate implies."""
         return self.params.steps / self.rate

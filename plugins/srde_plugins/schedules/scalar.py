@@ -14,6 +14,9 @@ class Constant(Schedule):
     def value(self, step: int, total_steps: int) -> float:
         return self.params.value
 
+    def done(self, step: int, total_steps: int) -> bool:
+        return True
+
 
 class _Ramp(Schedule):
     def __init__(self, params):
@@ -27,6 +30,9 @@ class _Ramp(Schedule):
     def value(self, step: int, total_steps: int) -> float:
         p = self.params
         return self.shape(p.start, p.end, self.progress(step, total_steps))
+
+    def done(self, step: int, total_steps: int) -> bool:
+        return self.progress(step, total_steps) >= 1.0
 
     def shape(self, start: float, end: float, t: float) -> float:
         raise NotImplementedError

@@ -46,7 +46,7 @@ class Controller:
             if not self.pruned:
                 for bank in banks:
                     bank.set_active_fraction(fraction)
-            done = getattr(self.schedule, "progress", 1.0) >= 1.0
+            done = self.schedule.done(step, phase.steps)
             if self.settings.prune and done and not self.pruned:
                 for bank in banks:
                     bank.prune()
