@@ -5,8 +5,11 @@
     srde list-plugins [--json]
     srde eval RUN_DIR [--json]              srde generate RUN_DIR --prompt TEXT
 
-User mistakes end in one line on stderr and a non-zero exit status (2 for recipe and plugin
-errors); ``--help``, ``list-plugins``, ``validate`` and ``show`` never import torch.
+Every error ends in one line on stderr, ``srde: error: ...``, and an exit status: 2 for what the
+user wrote (the recipe, data, the command line, a plugin that fails to load), 1 for what could not
+be done (the run directory, the file system, a checkpoint, training that diverged, a plugin that
+failed during a run: its traceback goes to ``RUN_DIR/error.log``). ``--debug`` shows the traceback
+instead. ``--help``, ``list-plugins``, ``validate`` and ``show`` never import torch.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from srde_core import __version__
-from srde_core.errors import SRDEError
+from srde_core.errors import SRDEError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its mistakes in the one-line form of every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"srde: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _console(stderr: bool = False):
@@ -135,9 +145,11 @@ def _contract_name(contract) -> str:
 
 def cmd_run(args) -> int:
     if args.resume and args.fresh:
-        raise SRDEError("--resume and --fresh exclude each other")
+        raise UsageError("--resume and --fresh exclude each other")
     recipe, plugins = _load(args)
-    from srde_core.run import execute
+    from srde_core.run import execute, run_directory
+
+    args.plugins_loaded, args.log_dir = plugins, run_directory(recipe)
 
     run = execute(recipe, plugins, _console(), resume=args.resume, fresh=args.fresh)
     if run.dist.is_main:
@@ -148,6 +160,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.max_examples is not None and args.max_examples < 1:
+        raise UsageError(f"--max-examples must be at least 1, got {args.max_examples}")
     from srde_core.evaluate.report import evaluate_run
 
     console = _console()
@@ -161,6 +175,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     from srde_core.api import generate
 
     print(generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, experts=not args.no_experts))
@@ -172,8 +188,6 @@ def cmd_lm_eval(args) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.limit is not None and args.limit < 1:
-        from srde_core.errors import UsageError
-
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     results = evaluate_with_harness(args.run_dir, tasks, experts=not args.no_experts, limit=args.limit,
                                     batch_size=args.batch_size, include_path=args.include_path)
@@ -187,10 +201,14 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
+DEBUG_HELP = "show the full traceback of an error instead of its one line"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="srde", description="Sparse Routed Delta Experts on a frozen LLM.")
+    parser = _Parser(prog="srde", description="Sparse Routed Delta Experts on a frozen LLM.")
     parser.add_argument("--version", action="version", version=f"srde {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("run", help="run a recipe's phases")
     _add_recipe_args(p)
@@ -234,19 +252,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-experts", action="store_true", help="use the base model alone")
     p.set_defaults(func=cmd_generate)
+    for command in sub.choices.values():  # also accepted after the command: srde run x.toml --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a mistake already printed in one line
+        return done.code if isinstance(done.code, int) else 0
     try:
         return args.func(args)
     except SRDEError as err:
+        if args.debug:
+            raise
         print(f"srde: error: {err.line()}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("srde: interrupted (a run continues with --resume)", file=sys.stderr)
         return 130
+    except UnicodeDecodeError as err:
+        if args.debug:
+            raise
+        from srde_core.errors import undecodable_file
+
+        where = undecodable_file(err) or "a file"
+        print(f"srde: error: {where}: not UTF-8 text ({err.reason} at byte {err.start})", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        line = _plugin_failure_line(args, err)
+        if line is None:
+            raise  # not a plugin's: a bug of srde itself, shown in full
+        print(f"srde: error: {line}", file=sys.stderr)
+        return 1
+
+
+def _plugin_failure_line(args, err: Exception) -> str | None:
+    """One line for an exception raised by a plugin's hook or component (naming both and the
+    error), with the traceback written to ``RUN_DIR/error.log`` (or a temporary file when the
+    run directory does not exist yet); None when no plugin code raised it."""
+    from srde_core.errors import one_line, plugin_failure
+
+    plugins = getattr(args, "plugins_loaded", None)
+    if plugins is None:
+        from srde_core.plugins import load_plugins
+
+        plugins = load_plugins()
+    culprit = plugin_failure(err, plugins)
+    if culprit is None:
+        return None
+    plugin, what = culprit
+    log = _write_error_log(err, getattr(args, "log_dir", None) or getattr(args, "run_dir", None))
+    return f"plugin '{plugin}' failed{f' in {what}' if what else ''}: {one_line(err)} (traceback: {log}; --debug shows it)"
+
+
+def _write_error_log(err: BaseException, run_dir) -> Path:
+    import datetime
+    import os
+    import tempfile
+    import traceback
+
+    from srde_core.dist import Dist
+
+    text = "".join(traceback.format_exception(err))
+    header = f"--- {datetime.datetime.now().isoformat(timespec='seconds')}  srde {' '.join(sys.argv[1:])}\n"
+    target = Path(run_dir) / "error.log" if run_dir is not None else None
+    try:
+        if target is None or not target.parent.is_dir() or not Dist.from_env().is_main:
+            raise OSError
+        with target.open("a", encoding="utf-8") as f:
+            f.write(header + text)
+    except OSError:  # no run directory (yet), or not this process's to write: a file of its own
+        fd, name = tempfile.mkstemp(prefix="srde-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(header + text)
+        target = Path(name)
+    return target
 
 
 if __name__ == "__main__":

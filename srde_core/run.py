@@ -43,7 +43,7 @@ def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
     if resume:
         if not saved.is_file():
             raise SRDEError("no run to resume here (pass the recipe that started it)", source=str(run_dir))
-        previous = json.loads(saved.read_text())
+        previous = read_run_json(saved)
         if previous.get("fingerprint") != recipe.fingerprint():
             raise SRDEError(
                 "the recipe differs from the one this run started with; resume needs the same recipe "
@@ -55,8 +55,9 @@ def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
     return run_dir
 
 
-def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
-    """Create the run directory (emptied first with ``fresh``) and write the resolved recipe.
+def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool, inputs: dict[str, Any] | None = None) -> Path:
+    """Create the run directory (emptied first with ``fresh``) and write the resolved recipe, with
+    ``inputs`` (the fingerprints of the data and the tokenizer, the working directory).
 
     Called once the data and the model have loaded, so bad input leaves nothing behind.
     """
@@ -68,7 +69,8 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run_dir / RECIPE_FILE,
-        {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "base_dir": str(recipe.base_dir), "recipe": recipe.resolved},
+        {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "base_dir": str(recipe.base_dir),
+         "recipe": recipe.resolved, **(inputs or {})},
     )
     return run_dir
 
@@ -77,6 +79,122 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def read_run_json(path: Path, *, keys: tuple[str, ...] = (), remedy: str = "start over with --fresh") -> dict[str, Any]:
+    """A run directory's JSON file (``recipe.json``, ``base.json``) as a dict with ``keys``; a file
+    that is empty, cut short or not an object ends in one line naming it (and ``remedy``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else ("empty" if not path.stat().st_size else f"not JSON: {err}")
+        raise SRDEError(f"cannot be read ({reason}); the run directory is damaged ({remedy})", source=str(path)) from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if not isinstance(data, dict) or missing:
+        what = f"has no '{missing[0]}'" if isinstance(data, dict) else "is not a JSON object"
+        raise SRDEError(f"{what}; the run directory is damaged ({remedy})", source=str(path))
+    return data
+
+
+def input_fingerprints(run: RunContext) -> dict[str, str]:
+    """What a run directory records of the run's inputs besides the recipe: the fingerprints of
+    the tokenised data (sources' contents, tokenizer, seq_len, columns) and of the tokenizer."""
+    return {"data_fingerprint": run.data.fingerprint, "tokenizer_fingerprint": run.tokenizer.fingerprint}
+
+
+def check_run_inputs(run: RunContext, recorded: dict[str, Any], *, doing: str) -> None:
+    """Refuse (one line) when the data or the tokenizer differ from those ``recorded`` in the run
+    directory's recipe.json: a resumed run would go on training on other data, an eval would
+    measure other data. Runs that predate the record are not checked."""
+    for key, what in (("tokenizer_fingerprint", "tokenizer"), ("data_fingerprint", "data")):
+        before = recorded.get(key)
+        now = input_fingerprints(run)[key]
+        if before and before != now:
+            raise SRDEError(
+                f"the {what} changed since the run started ({key.replace('_', ' ')} {before[-12:]}, now {now[-12:]}); "
+                f"{doing}",
+                source=str(run.run_dir),
+            )
+
+
+def resumed_on_the_same_data(run: RunContext) -> bool:
+    """Whether the run directory records the data and tokenizer this (resumed) run loaded."""
+    try:
+        recorded = read_run_json(run.run_dir / RECIPE_FILE)
+    except SRDEError:
+        return False
+    return all(recorded.get(key) == value for key, value in input_fingerprints(run).items())
+
+
+def check_writable(recipe: Recipe) -> None:
+    """``output_dir`` and ``cache_dir`` can be created and written (checked before any work, and
+    without creating anything): the nearest existing ancestor of each is a writable directory."""
+    for key in ("output_dir", "cache_dir"):
+        path = Path(getattr(recipe, key)).expanduser()
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problem = "is a file" if existing == path else f"is under '{existing}', which is a file"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = "is not writable" if existing == path else f"cannot be created: '{existing}' is not writable"
+        else:
+            continue
+        raise SRDEError(f"'{path}' {problem}", source=str(recipe.path), key=key)
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``fcntl.flock`` on ``.NAME.lock`` beside it (inside,
+    ``--fresh`` would delete it), held by the main process for the run's life. The kernel releases
+    it when the process ends however it ends, so a lock left by a killed run is simply free; the
+    file is removed on release (re-checked on acquire, so a removed file is never locked twice)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir.with_name(f".{run_dir.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        if self.fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+                os.close(fd)
+                pid = f" (pid {holder})" if holder.isdigit() else ""
+                raise SRDEError(
+                    f"another srde process{pid} is running in this run directory; wait for it to end or stop it",
+                    source=str(self.run_dir),
+                ) from None
+            except OSError:  # a file system without locks (some network mounts): run unlocked
+                os.close(fd)
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing releases the lock
+        self.fd = None
 
 
 def seed_everything(seed: int) -> None:
@@ -162,39 +280,65 @@ class RunContext:
 
 def execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool = False, fresh: bool = False) -> RunContext:
     """Run every phase of ``recipe`` in this process (one of several under torchrun); return the
-    finished context."""
-    from srde_core.data.loading import load_run_data
+    finished context.
+
+    The main process holds the run directory's :class:`RunLock` for the run's life: from the start
+    when the directory exists (``--resume``, ``--fresh``), else from when it creates it.
+    """
+    dist = Dist.from_env()
+    run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
+    check_writable(recipe)
+    lock = RunLock(run_dir) if dist.is_main else None
+    try:
+        if lock is not None and run_dir.exists():
+            lock.acquire()
+        return _execute(recipe, plugins, console, resume=resume, fresh=fresh, dist=dist, run_dir=run_dir, lock=lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool, fresh: bool, dist: Dist, run_dir: Path,
+             lock: RunLock | None) -> RunContext:
+    from srde_core.data.loading import check_batch_sizes, load_run_data
     from srde_core.model.build import build_base_model
     from srde_core.train.checkpoints import CheckpointStore
     from srde_core.train.metrics import MetricsLog
 
-    dist = Dist.from_env()
-    run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
     seed_everything(recipe.seed)
     run = RunContext(recipe, plugins, run_dir, pick_device(recipe.device, dist), console, dist=dist, resume=resume)
     run.engine = recipe.engine.build()
+    trainers = build_components(recipe)  # a factory that fails does so before any data or model loads
     run.device = run.engine.setup(run)
     print_header(run)
     run.tokenizer, run.data = load_run_data(run)
+    if resume:
+        check_run_inputs(run, read_run_json(run_dir / RECIPE_FILE),
+                         doing="resuming would go on training on other data; restore it or start over with --fresh")
     run.hook.srde_prepare_data(data=run.data, run=run)
+    check_batch_sizes(run)
     run.model = build_base_model(run)
     run.base = BaseInfo(default_base_id(recipe))
     if dist.is_main:
-        prepare_run_directory(recipe, resume=resume, fresh=fresh)
+        lock.acquire()  # a new run directory: taken before it is created
+        prepare_run_directory(recipe, resume=resume, fresh=fresh, inputs={
+            **input_fingerprints(run), "cwd": os.getcwd(), "columns_explicit": sorted(recipe.data.columns.model_fields_set)})
         run.metrics = MetricsLog(run_dir / "metrics.jsonl")
     dist.barrier()
     run.checkpoints = CheckpointStore(run_dir / "checkpoints")
     for phase in recipe.phases:
-        trainer = phase.trainer.build()
+        trainer = trainers[phase.index]
         run.hook.srde_before_phase(phase=phase, run=run)
         result = trainer.run(run, phase) or {}
         run.hook.srde_after_phase(phase=phase, run=run, metrics=result)
     if dist.is_main:
-        write_json_atomic(run_dir / BASE_FILE, {"id": run.base.id, "weights": run.base.weights})
+        write_json_atomic(run_dir / BASE_FILE, {"id": run.base.id, "weights": run.base.weights,
+                                                "adapter": run.experts is not None})
     if run.experts is not None:
         from srde_core.model.adapters import save_adapter
 
         with run.engine.full_state(run.experts.adapter) as state:
+            check_finite_state(state, run, "adapter")
             if dist.is_main:
                 save_adapter(run_dir / ADAPTER_FILE, run.experts, base_model_id=run.base.id,
                              recipe_hash=recipe.fingerprint(), state=state)
@@ -202,6 +346,56 @@ def execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool = False
     run.hook.srde_after_run(run=run)
     dist.barrier()
     return run
+
+
+def build_components(recipe: Recipe) -> list[Any]:
+    """Each phase's trainer (returned, in phase order), and a trial build of the components built
+    later in the run (samplers, losses and their weights, LR schedules, the SRDE components), so
+    that a plugin factory that fails does so before any data or model loads."""
+    from srde_core.train.checkpoints import restore_rng, rng_state
+
+    trainers = [phase.trainer.build() for phase in recipe.phases]
+    before = rng_state()  # a trial build must not move the random streams the run is seeded with
+    try:
+        for phase in recipe.phases:
+            phase.sampler.build()
+            phase.scheduler.build(total_steps=phase.steps)
+            for loss in phase.losses:
+                loss.build()
+                if hasattr(loss.weight, "build"):
+                    loss.weight.build()
+        for choice in (recipe.srde.layout, recipe.srde.delta, recipe.srde.router, recipe.srde.combine):
+            choice.build()
+    finally:
+        restore_rng(before)
+    return trainers
+
+
+def _explicit_columns(data: dict[str, Any], explicit: list[str] | None) -> dict[str, Any]:
+    """``[data.columns]`` as the recipe wrote it: the resolved form names every column, but a
+    column the recipe left at its default is optional (``domain``, ``difficulty``), and that is
+    what a rebuilt recipe must read (runs that predate the record: the columns not at their default)."""
+    from srde_core.data.params import ColumnsParams
+
+    columns = data.get("columns")
+    if isinstance(columns, dict):
+        fields = ColumnsParams.model_fields
+        keep = set(explicit) if explicit is not None else {
+            k for k, v in columns.items() if k not in fields or v != fields[k].default}
+        data["columns"] = {k: v for k, v in columns.items() if k in keep}
+    return data
+
+
+def check_finite_state(state: dict[str, Any], run: RunContext, what: str) -> None:
+    """Never write NaN or infinite weights: one line naming the first such tensor."""
+    import torch
+
+    broken = [name for name, value in state.items() if torch.is_tensor(value) and value.is_floating_point()
+              and not bool(torch.isfinite(value).all())]
+    if broken:
+        raise SRDEError(f"the trained {what} holds non-finite values ({broken[0]}"
+                        f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); not written",
+                        source=str(run.run_dir))
 
 
 def default_base_id(recipe: Recipe) -> str:
@@ -233,8 +427,16 @@ def print_header(run: RunContext) -> None:
         run.log(line)
 
 
-def open_finished_run(run_dir: str | Path, console, *, device: str | None = None) -> RunContext:
-    """Rebuild a finished run's model (base weights + experts from the adapter) for eval/generation."""
+def open_finished_run(run_dir: str | Path, console, *, device: str | None = None, experts: bool = True,
+                      check_data: bool = False) -> RunContext:
+    """Rebuild a finished run's model (base weights + experts from the adapter) for eval/generation.
+
+    Relative data paths resolve against the directory they were resolved against when the run
+    started (and a relative ``cache_dir`` against the run's working directory, where it still
+    exists). A tokenizer that changed since then (and with ``check_data``, data that changed), or a
+    missing adapter of a run that trained experts, end in one line (``experts=False``: the caller
+    uses the base alone and needs no adapter).
+    """
     from safetensors.torch import load_file
 
     from srde_core.data.loading import load_run_data
@@ -249,23 +451,36 @@ def open_finished_run(run_dir: str | Path, console, *, device: str | None = None
         raise SRDEError("not a run directory (no recipe.json)", source=str(run_dir))
     if not base_file.is_file():
         raise SRDEError("the run has not finished (no base.json); finish it with srde run --resume", source=str(run_dir))
-    stored = json.loads(saved.read_text())
+    stored = read_run_json(saved, keys=("recipe", "path"))
+    base = read_run_json(base_file, keys=("id",), remedy=f"srde run {stored['path']} --resume writes it again")
+    resolved = dict(stored["recipe"])
+    started_in = stored.get("cwd")
+    cache_dir = Path(str(resolved.get("cache_dir", "")))
+    if started_in and resolved.get("cache_dir") and not cache_dir.is_absolute() and Path(started_in).is_dir():
+        resolved["cache_dir"] = str(Path(started_in) / cache_dir)
+    resolved["data"] = _explicit_columns(dict(resolved.get("data") or {}), stored.get("columns_explicit"))
     plugins = load_plugins()
-    recipe = recipe_from_resolved(stored["recipe"], stored["path"], plugins, stored.get("base_dir"))
+    recipe = recipe_from_resolved(resolved, stored["path"], plugins, stored.get("base_dir"))
+    adapter = run_dir / ADAPTER_FILE
+    trained_experts = base.get("adapter", any(p.trainer.name != "base_pretrain" for p in recipe.phases))
+    if experts and trained_experts and not adapter.is_file():
+        raise SRDEError(f"{ADAPTER_FILE} is missing, but the run trained experts; write it again with "
+                        f"srde run {stored['path']} --resume", source=str(run_dir))
     run = RunContext(recipe, plugins, run_dir, pick_device(device or recipe.device), console)
     seed_everything(recipe.seed)
     run.tokenizer, run.data = load_run_data(run)
+    check_run_inputs(run, stored if check_data else {k: v for k, v in stored.items() if k != "data_fingerprint"},
+                     doing="the eval would measure other data than the run's; restore it or run the recipe again"
+                     if check_data else "the run's model reads other token ids; restore it")
     run.model = build_base_model(run)
-    base = json.loads(base_file.read_text())
     if base.get("weights"):
         weights = Path(base["weights"])
         if not weights.is_file():
             raise SRDEError(f"base weights {weights} are gone (cache cleared?); re-run the recipe", source=str(run_dir))
         run.model.load_state_dict(load_file(weights, device=str(run.device)))
     run.base = BaseInfo(base["id"], base.get("weights"))
-    adapter = run_dir / ADAPTER_FILE
     if adapter.is_file():
-        experts = run.attach_experts()
-        load_adapter(adapter, experts, base_model_id=base["id"])
+        handle = run.attach_experts()
+        load_adapter(adapter, handle, base_model_id=base["id"])
     run.model.eval()
     return run

@@ -126,7 +126,7 @@ def test_fresh_deletes_the_old_run_directory_and_starts_over(workdir, finished, 
 
 def test_resume_and_fresh_exclude_each_other(workdir, capsys, monkeypatch):
     monkeypatch.chdir(workdir)
-    assert main(["run", str(workdir / "experts.toml"), "--resume", "--fresh"]) == 1
+    assert main(["run", str(workdir / "experts.toml"), "--resume", "--fresh"]) == 2  # a command-line mistake
     assert "--resume and --fresh exclude each other" in one_error_line(capsys)
 
 

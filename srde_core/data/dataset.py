@@ -57,6 +57,48 @@ class DataBundle:
     cache_path: Path | None = None
 
 
+@dataclass(frozen=True)
+class LabelStats:
+    """What truncation to ``seq_len`` left of a tokenised split's answers (see :func:`label_stats`)."""
+
+    examples: int
+    labelled: int  # examples with at least one next-token target under the recipe's loss_on
+    answer_cut: int  # examples whose answer lost tokens (or its EOS) to truncation
+    answer_lost: int  # examples with no answer token left at all
+
+
+def label_stats(dataset, loss_on: str, eos_id: int) -> LabelStats:
+    """Count, over a tokenised split, the examples with something to learn and the answers that
+    truncation cut, from the Arrow columns (no Python loop over rows).
+
+    A row was truncated when its last token is not EOS (every example is encoded with one); its
+    answer tokens are those from ``prompt_len`` on. The collated labels are unshifted, so a row has
+    a next-token target when a labelled position other than the first exists: with ``loss_on =
+    "answer"`` a position ``>= max(prompt_len, 1)``, with ``"all"`` any position ``>= 1``.
+    """
+    import numpy as np
+
+    if len(dataset) == 0:
+        return LabelStats(0, 0, 0, 0)
+    table = dataset.select_columns(["input_ids", "prompt_len"]).with_format("arrow")[:]  # a selection's rows too
+    ids = table.column("input_ids").combine_chunks()
+    n = len(ids)
+    lengths = np.diff(np.asarray(ids.offsets, dtype=np.int64))
+    values = np.asarray(ids.flatten())
+    ends = np.clip(np.cumsum(lengths) - 1, 0, None)
+    last = np.where(lengths > 0, values[ends], -1) if len(values) else np.full(n, -1)
+    prompt_len = np.asarray(table.column("prompt_len").to_numpy(zero_copy_only=False), dtype=np.int64)
+    first_label = np.maximum(prompt_len, 1) if loss_on == "answer" else np.ones_like(prompt_len)
+    truncated = last != eos_id
+    lost = prompt_len >= lengths
+    return LabelStats(
+        examples=n,
+        labelled=int((lengths > first_label).sum()),
+        answer_cut=int((truncated | lost).sum()),
+        answer_lost=int(lost.sum()),
+    )
+
+
 def join_prompt_answer(prompt: str, answer: str) -> str:
     """The training text: ``prompt + " " + answer``, without the space when either side is empty
     or already has whitespace at the join."""

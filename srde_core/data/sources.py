@@ -137,15 +137,18 @@ def _load_with_datasets(fmt: str, path: Path, hf_cache: Path, cmap: ColumnMap):
         raise DataError(f"cannot be read as {fmt} ({first_line(err)})", source=str(path)) from err
 
 
-def _check_rows(name: str, rows, columns: ColumnsParams, where: str) -> ColumnMap:
-    """Validate parsed rows (``(number, dict)`` pairs); ``where`` is ``"line"`` or ``"item"``."""
+def _check_rows(name: str, rows, columns: ColumnsParams, where: str, available: list[str] | None = None) -> ColumnMap:
+    """Validate parsed rows (``(number, dict)`` pairs); ``where`` is ``"line"``, ``"item"`` or
+    ``"row"``; ``available``: the file's columns (a CSV header), else every key some row has."""
     rows = list(rows)
     if not rows:
         raise DataError("no rows", source=name)
-    seen: dict[str, None] = {}
-    for _, row in rows:
-        seen.update(dict.fromkeys(row))
-    cmap = map_columns(columns, list(seen), name)
+    if available is None:
+        seen: dict[str, None] = {}
+        for _, row in rows:
+            seen.update(dict.fromkeys(row))
+        available = list(seen)
+    cmap = map_columns(columns, available, name)
     for number, row in rows:
         for role in ("prompt", "answer", "text", "domain", "difficulty"):
             column = getattr(cmap, role)
@@ -161,10 +164,7 @@ def _check_rows(name: str, rows, columns: ColumnsParams, where: str) -> ColumnMa
 
 def _validate_json(path: Path, columns: ColumnsParams) -> ColumnMap:
     name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text ({err.reason} at byte {err.start})", source=name) from err
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -192,22 +192,47 @@ def _validate_json(path: Path, columns: ColumnsParams) -> ColumnMap:
     return _check_rows(name, parsed(), columns, "line")
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; other bytes end in one line naming the file and the offset."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text ({err.reason} at byte {err.start})", source=str(path)) from None
+
+
 def _validate_csv(path: Path, columns: ColumnsParams) -> ColumnMap:
-    with path.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise DataError("no header row", source=str(path))
-    return map_columns(columns, header, str(path))
+    """Every row checked like a JSON Lines line: a row with fewer fields than the header is missing
+    the columns at its end (the CSV reader would fill them with empty strings), one with more has
+    a stray delimiter. Rows are numbered from 1 after the header, blank lines skipped."""
+    import io
+
+    name = str(path)
+    reader = csv.reader(io.StringIO(_read_text(path).removeprefix("\ufeff"), newline=""))  # a BOM is no column
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError("no header row", source=name)
+        rows = []
+        for number, fields in enumerate((f for f in reader if f), 1):
+            if len(fields) > len(header):
+                raise DataError(f"{len(fields)} fields, but the header has {len(header)}", source=name,
+                                key=f"row {number}")
+            rows.append((number, dict(zip(header, fields))))
+    except csv.Error as err:
+        raise DataError(f"not valid CSV ({err})", source=name, key=f"line {reader.line_num}") from None
+    return _check_rows(name, rows, columns, "row", available=header)
 
 
 def _validate_parquet(path: Path, columns: ColumnsParams) -> ColumnMap:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        metadata = pq.read_metadata(path)
     except Exception as err:  # noqa: BLE001 - pyarrow's errors for a non-Parquet file vary
         raise DataError(f"not a Parquet file ({first_line(err)})", source=str(path)) from err
-    return map_columns(columns, names, str(path))
+    if metadata.num_rows == 0:
+        raise DataError("no rows", source=str(path))
+    return map_columns(columns, metadata.schema.to_arrow_schema().names, str(path))
 
 
 _VALIDATORS = {"json": _validate_json, "csv": _validate_csv, "parquet": _validate_parquet}

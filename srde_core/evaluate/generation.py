@@ -68,18 +68,22 @@ def generate_from_run(run_dir: str | Path, prompt: str, max_new_tokens: int = 32
     directory that is not a finished run."""
     from rich.console import Console
 
-    from srde_core.errors import SRDEError
+    from srde_core.errors import UsageError
     from srde_core.evaluate import evaluation_state
     from srde_core.run import open_finished_run
 
     if max_new_tokens < 1:
-        raise SRDEError("--max-new-tokens must be at least 1")
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     # Loading messages would mix with the generated text on stdout.
-    run = open_finished_run(run_dir, Console(file=io.StringIO()))
+    run = open_finished_run(run_dir, Console(file=io.StringIO()), experts=experts)
     tokenizer = run.tokenizer
     prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     if not prompt_ids:
-        raise SRDEError("the prompt is empty (and the tokenizer has no BOS to start from)")
+        raise UsageError("the prompt is empty (and the tokenizer has no BOS to start from)")
+    context = getattr(run.model.config, "max_position_embeddings", None)
+    if context is not None and len(prompt_ids) + max_new_tokens > context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} and the prompt's {len(prompt_ids)} tokens exceed the "
+                         f"model's context of {context} tokens; at most {max(context - len(prompt_ids), 0)} new tokens")
     with evaluation_state(run.model, run.experts, enabled=experts):
         (ids,) = greedy_generate(
             run.model, [prompt_ids], max_new_tokens=max_new_tokens,

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from srde_core.errors import SRDEError
+from srde_core.errors import SRDEError, UsageError
 from srde_core.evaluate import evaluation_state
 from srde_core.evaluate.accuracy import DomainAccuracy, answer_accuracy
 from srde_core.evaluate.losses import DomainLoss, domain_losses, eval_batches, eval_subset, overall_loss
@@ -31,7 +31,7 @@ def _eval_rows(run, max_examples: int | None):
         raise SRDEError("the run has no eval data (set data.eval_files or data.generate)", source=str(run.run_dir))
     per_domain = run.recipe.eval.max_examples_per_domain if max_examples is None else max_examples
     if per_domain < 1:
-        raise SRDEError(f"--max-examples must be at least 1, got {per_domain}")
+        raise UsageError(f"--max-examples must be at least 1, got {per_domain}")
     return eval_subset(run.data.eval, run.data.domains, per_domain), per_domain
 
 
@@ -223,7 +223,7 @@ def evaluate_run(run_dir: str | Path, console, max_examples: int | None = None, 
     from srde_core.run import open_finished_run, write_json_atomic
 
     log_console = Console(stderr=True, highlight=False) if as_json else console
-    run = open_finished_run(run_dir, log_console)
+    run = open_finished_run(run_dir, log_console, check_data=True)
     result = {"run_dir": str(run.run_dir), **evaluate(run, max_examples=max_examples)}
     write_json_atomic(Path(run.run_dir) / EVAL_FILE, result)
     if as_json:

@@ -77,6 +77,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError("file not found", source=shown) from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"not UTF-8 text (byte {err.start}: {err.reason})", source=shown) from None
     except OSError as err:
         raise RecipeError(f"cannot read file ({err.strerror})", source=shown) from None
     try:

@@ -66,6 +66,9 @@ class PhaseParams(Params):
     beta2: float = Field(0.999, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="autocast: auto = bf16 on capable GPUs")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a step with a NaN/inf loss or gradient: stop the run (one line), or skip its update and count it",
+    )
     scheduler: ComponentChoice = component("scheduler", "warmup_cosine", "LR schedule component")
     losses: tuple[ComponentChoice, ...] = component(
         "loss", ["lm"], "loss components, each with an optional weight (a number or a schedule)",

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from srde_core.dist import SINGLE, Dist
 
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^(?P<phase>.+)-step(?P<step>\d+)$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,46 @@ class CheckpointStore:
     def latest(self, phase: str) -> Checkpoint | None:
         found = self.list(phase)
         return found[-1] if found else None
+
+    def load_intact(
+        self, phase: str, load: Callable[[Checkpoint], T], *, dist: Dist = SINGLE, log: Callable[[str], None] | None = None
+    ) -> tuple[Checkpoint | None, T | None]:
+        """``(checkpoint, load(checkpoint))`` for the newest checkpoint of ``phase`` that ``load``
+        reads without error on every process; ``(None, None)`` when the phase has none.
+
+        A checkpoint whose files are damaged (a truncated ``trainer.pt``, ``engine.pt`` or
+        ``model.safetensors``) is passed over for the next older one, and ``log`` says so in one
+        line; when none can be read, one :class:`SRDEError` line. ``SRDEError``s of ``load`` (a
+        checkpoint format this version does not read) are not damage and pass through. Called on
+        every process (they agree on the checkpoint through one collective per candidate).
+        """
+        from srde_core.errors import SRDEError, one_line
+
+        damaged: list[tuple[Checkpoint, str]] = []
+        for checkpoint in reversed(self.list(phase)):
+            try:
+                result, problem = load(checkpoint), None
+            except SRDEError:
+                raise
+            except Exception as err:  # noqa: BLE001 - torch, zip and safetensors errors of a damaged file
+                result, problem = None, one_line(err, limit=160)
+            failed = float(dist.all_sum(torch.tensor([0.0 if problem is None else 1.0])).sum())
+            if failed == 0:
+                if damaged and log is not None:
+                    names = ", ".join(c.path.name for c, _ in damaged)
+                    which = f"checkpoint {names} is" if len(damaged) == 1 else f"checkpoints {names} are"
+                    log(f"{phase}: {which} damaged ({damaged[0][1]}); resuming from {checkpoint.path.name}")
+                return checkpoint, result
+            damaged.append((checkpoint, problem or "damaged on another process"))
+        if damaged:
+            newest, problem = damaged[0]
+            raise SRDEError(
+                f"no intact checkpoint of phase '{phase}' ({newest.path.name}: {problem}"
+                + (f"; {len(damaged) - 1} older damaged too" if len(damaged) > 1 else "")
+                + "); remove them to run the phase again from its start, or start over with --fresh",
+                source=str(self.root.parent),
+            )
+        return None, None
 
     def save(
         self,

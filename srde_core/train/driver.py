@@ -12,6 +12,7 @@ pre-training and PPO supply their own (rollout, reward, several optimiser steps 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 
 from srde_core.data.sampler import shard
 from srde_core.train.checkpoints import restore_rng
+from srde_core.train.metrics import strict
 from srde_core.train.engine import EngineSession, OptimizerSpec
 from srde_core.train.progress import PhaseProgress
 
@@ -121,10 +123,18 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
     dist = run.dist
     start = 0
     last: dict[str, Any] = {}
-    checkpoint = run.checkpoints.latest(phase.name) if run.resume else None
-    if checkpoint is not None:
+
+    def load(checkpoint):
         trainer_state, rng = checkpoint.load(dist.rank)
         session.load(checkpoint.path)
+        return trainer_state, rng
+
+    # The newest intact checkpoint (a damaged one is passed over, and the log says so).
+    checkpoint, loaded = run.checkpoints.load_intact(phase.name, load, dist=dist, log=run.log) if run.resume else (None, None)
+    if checkpoint is None and run.resume and dist.is_main:
+        run.metrics.truncate_after(phase.name, 0)  # killed before its first checkpoint: the phase starts over
+    if checkpoint is not None:
+        trainer_state, rng = loaded
         if rng is not None:
             restore_rng(rng)
         for name, obj in state.items():
@@ -143,6 +153,8 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
     started = time.perf_counter()
     tokens = 0.0
     observers = [obj for obj in state.values() if hasattr(obj, "observe")]
+    skipping = getattr(phase, "on_nonfinite", "stop") == "skip"
+    skipped_steps = int(last.get("skipped_steps") or 0)
     with PhaseProgress(run.console, phase.name, start, phase.steps, enabled=dist.is_main) as progress:
         for step in range(start, phase.steps):
             local = step_fn(StepContext(run, phase, step, session, batches))
@@ -150,8 +162,17 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
             tokens += float(metrics.pop("tokens", 0.0)) * dist.world_size
             elapsed = time.perf_counter() - started
             done = step + 1
+            skipped = bool(metrics.get("skipped"))
+            if not skipped:
+                check_finite(run, phase, done, metrics)
             metrics = {"phase": phase.name, "step": done, **metrics, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        **batches.sampler_metrics(step)}
+            if skipping:
+                skipped_steps += skipped
+                metrics["skipped_steps"] = skipped_steps
+            if skipped:  # observers and plugins see None where the step had no finite value
+                metrics = strict(metrics)
+                run.log(f"{phase.name}: step {done}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
             for obj in observers:
                 obj.observe(done, metrics)
             run.hook.srde_after_step(phase=phase, run=run, step=done, metrics=metrics)
@@ -159,7 +180,7 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
             logged = done % phase.log_every == 0 or done == phase.steps
             if logged and dist.is_main:
                 run.metrics.write(metrics)
-            progress.update(done, metrics if logged else None, eta)
+            progress.update(done, metrics if logged and not skipped else None, eta)
             last = metrics
             if done == phase.steps or (phase.checkpoint_every and done % phase.checkpoint_every == 0):
                 trainer_state = {
@@ -173,3 +194,25 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
                     keep=phase.keep_checkpoints, final_step=phase.steps, dist=dist,
                 )
     return last
+
+
+def check_finite(run: Any, phase: Any, step: int, metrics: Mapping[str, Any]) -> None:
+    """Stop the run (one line naming the phase and the step) when a step's loss or gradient norm
+    (averaged over processes, so every process agrees) is NaN or infinite: nothing of that step is
+    logged, checkpointed or exported. A step that the step function skipped
+    (``on_nonfinite = "skip"``) reports ``skipped`` instead and is not checked."""
+    from srde_core.errors import SRDEError
+
+    for key in ("loss", "grad_norm"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            where = f"phases[{phase.index}]" if hasattr(phase, "index") else "the phase"
+            if getattr(phase, "on_nonfinite", "stop") == "skip":
+                hint = f"trainer '{phase.trainer.name}' cannot skip a step ({where}.on_nonfinite = \"skip\" covers supervised steps)"
+            else:
+                hint = f"{where}.on_nonfinite = \"skip\" skips such steps instead"
+            raise SRDEError(
+                f"phase '{phase.name}', step {step}: non-finite {key.replace('_', ' ')} ({value}); stopped, nothing "
+                f"of this step was saved; {hint}",
+                source=str(run.run_dir),
+            )

@@ -3,6 +3,7 @@ supervised step function built on it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ class Objective:
             f"loss_weight.{name}": weight for name, weight, _ in self.losses if not isinstance(weight, float)
         }
         self.num_domains = len(run.data.domains)
+        self.model = model
         self.lm_head = model.get_output_embeddings()
         self.banks = [bank for per_proj in experts.banks().values() for bank in per_proj.values()] if experts else []
 
@@ -61,9 +63,16 @@ class Objective:
         )
         total = None
         parts: dict[str, float] = router_statistics(routings, batch.get("attention_mask")) if routings else {}
+        unlabelled = None  # whether no position of this micro-batch predicts a labelled token
         for name, weight, loss in self.losses:
             value = loss(loss_inputs)
-            parts[name] = float(value.detach())
+            number = float(value.detach())
+            if math.isnan(number):
+                if unlabelled is None:
+                    unlabelled = not bool((batch["labels"][:, 1:] != -100).any())
+                if unlabelled:  # a token mean over no token (0/0): it adds nothing, as its weight in the step says
+                    value, number = torch.nan_to_num(value, nan=0.0), 0.0
+            parts[name] = number
             factor = weight if isinstance(weight, float) else weight.value(step, self.phase.steps)
             if not isinstance(weight, float):
                 parts[f"{name}_weight"] = factor
@@ -91,12 +100,30 @@ def supervised_step(objective: Objective) -> StepFn:
                 with ctx.session.autocast():
                     loss, parts = objective(batch, ctx.step, ctx.session)
                 ctx.session.backward(loss * share)
+            tokens += int(batch["attention_mask"].sum())
+            if share == 0:  # no labelled token: it adds nothing to the step (its token means are 0/0)
+                continue
             for key, value in {"loss": float(loss.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value * share
-            tokens += int(batch["attention_mask"].sum())
+        if getattr(ctx.phase, "on_nonfinite", "stop") == "skip" and not _finite_step(ctx, objective, sums):
+            for parameter in objective.model.parameters():
+                parameter.grad = None  # the update is dropped; the data and the step count move on
+            nan = float("nan")
+            return {**sums, "lr": nan, "grad_norm": nan, "tokens": tokens, "skipped": 1.0}
         return {**sums, **ctx.session.step(), "tokens": tokens}
 
     return step
+
+
+def _finite_step(ctx: StepContext, objective: Objective, sums: dict[str, float]) -> bool:
+    """Whether the step's loss and every gradient are finite, on every process (``on_nonfinite =
+    "skip"`` checks before the optimiser step; the default policy checks the step's metrics)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in objective.model.parameters()
+             if p.grad is not None]
+    bad_grad = bool(norms) and not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+    bad_loss = not math.isfinite(sums.get("loss", 0.0))
+    flags = ctx.run.dist.all_sum(torch.tensor([float(bad_loss), float(bad_grad)], dtype=torch.float64))
+    return float(flags.sum()) == 0
 
 
 def token_shares(batches: list[dict[str, torch.Tensor]], dist: Any) -> list[float]:

@@ -8,9 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
-from srde_core.errors import RecipeError
+from srde_core.errors import RecipeError, SRDEError
+from srde_core.run import resumed_on_the_same_data
 from srde_core.train.checkpoints import save_tensors
 from srde_core.train.driver import TrainingTarget, drive
 from srde_core.train.objective import Objective, supervised_step
@@ -62,8 +64,16 @@ class BasePretrain(Trainer):
         )
         objective = Objective(run, phase, model)
         result = drive(run, phase, target, supervised_step(objective), state=objective.schedules)
-        # Without the cache the weights stay with the run, so `srde eval` can rebuild the model.
-        final = cached if self.params.cache else run.run_dir / "base" / "model.safetensors"
+        broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:  # never cache (or keep) a broken base
+            raise SRDEError(f"phase '{phase.name}': the trained base holds non-finite weights ({broken[0]}"
+                            f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); not saved",
+                            source=str(run.run_dir))
+        # Without the cache the weights stay with the run, so `srde eval` can rebuild the model. A
+        # resumed run whose data the run directory does not vouch for keeps them too: the cache key
+        # names the current data, and the checkpoints may hold training on other data.
+        shared = self.params.cache and (not run.resume or resumed_on_the_same_data(run))
+        final = cached if shared else run.run_dir / "base" / "model.safetensors"
         if run.dist.is_main:
             tmp = final.parent.with_name(f".tmp-{final.parent.name}-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
