@@ -13,6 +13,7 @@ import torch
 
 from srde_core.data.collate import collate
 from srde_core.evaluate import evaluation_state
+from srde_core.model.context import ForwardContext
 from srde_core.train.driver import TrainingTarget, drive
 from srde_core.train.objective import Objective, supervised_step
 from srde_core.train.trainer import Trainer
@@ -85,8 +86,6 @@ def layer_centroids(run, experts, batches: int) -> tuple[dict[int, torch.Tensor]
                 current["domains"] = batch["domain_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[mask]
                 counts.index_add_(0, current["domains"], torch.ones(int(mask.sum())))
                 inputs = {k: v.to(run.device) for k, v in batch.items()}
-                from srde_core.model.context import ForwardContext
-
                 context = ForwardContext(
                     domain_ids=inputs["domain_ids"], forced_experts=domain_assignment(inputs["domain_ids"], experts.plans)
                 )
