@@ -9,10 +9,12 @@ drifting machine load hits all of them alike), and the medians are compared:
 - srde: SRDE with sparse deltas (magnitude selector), ``--experts`` experts, top ``--top-k``;
 - lora-1x1: SRDE with the ``lora`` delta, 1 expert, top-1, rank R (plain LoRA through SRDE);
 - lora-Ex k: SRDE with the ``lora`` delta, ``--experts`` experts, top ``--top-k``, rank R/E each
-  (equal trainable deltas to PEFT LoRA).
+  (equal trainable deltas to PEFT LoRA);
+- blkHxW: SRDE with sparse deltas at block positions ``block = [H, W]`` (``--blocks``), same
+  density, hence the same trainable count as srde.
 
 Targets: sparse SRDE <= 1.5x LoRA and <= 2x the floor; lora-1x1 <= 1.10x LoRA; lora-Ex k <= 1.3x
-LoRA. Run ``python benchmarks/layer_speed.py --help``.
+LoRA; the first block variant <= 1.2x LoRA and <= 1.6x the floor. Run ``python benchmarks/layer_speed.py --help``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ TARGET_VS_LORA = 1.5
 TARGET_VS_FLOOR = 2.0
 TARGET_LORA_ONE_EXPERT = 1.10
 TARGET_LORA_EXPERTS = 1.3
+TARGET_BLOCK_VS_LORA = 1.2
+TARGET_BLOCK_VS_FLOOR = 1.6
 
 
 class GatedMLP(nn.Module):
@@ -123,6 +127,8 @@ def run_shape(hidden: int, intermediate: int, args, device: torch.device) -> tup
     lora_many = build_srde(copy.deepcopy(base), lora_spec, args.experts, args.top_k, generator)
 
     models = {"floor": base, "lora": lora, "srde": srde, "lora-1x1": lora_one, f"lora-{args.experts}x{args.top_k}": lora_many}
+    for bh, bw in parse_blocks(args.blocks):
+        models[f"blk{bh}x{bw}"] = build_srde(copy.deepcopy(base), {**sparse, "block": [bh, bw]}, args.experts, args.top_k, generator)
     for name, model in models.items():
         model.to(device)
         if not isinstance(model, SRDEMLP):  # SRDE keeps float32 master weights for its routers and deltas
@@ -145,6 +151,10 @@ def run_shape(hidden: int, intermediate: int, args, device: torch.device) -> tup
     return {name: (statistics.median(times[name]), trainable(models[name])) for name in models}, rank
 
 
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.strip().split("x")) for item in text.split(",") if item.strip()]
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for item in text.split(","):
@@ -165,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=8, help="SRDE experts per block")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token")
     parser.add_argument("--density", type=float, default=0.01, help="sparse delta density per expert")
+    parser.add_argument("--blocks", default="16x16,4x4", help="block variants HxW, comma-separated ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -226,6 +237,16 @@ def run_sweep_point(args, device) -> bool:
             f"{'':>11} lora-1x1/LoRA {one:.2f}x (target <= {TARGET_LORA_ONE_EXPERT}x), "
             f"{many}/LoRA {experts:.2f}x (target <= {TARGET_LORA_EXPERTS}x): {'met' if lora_met else 'MISSED'}"
         )
+        blocks = parse_blocks(args.blocks)
+        if blocks:
+            name = "blk{}x{}".format(*blocks[0])
+            vs_lora, vs_floor = result[name][0] / lora_ms, result[name][0] / floor_ms
+            block_met = vs_lora <= TARGET_BLOCK_VS_LORA and vs_floor <= TARGET_BLOCK_VS_FLOOR
+            ok &= block_met
+            print(
+                f"{'':>11} {name}/LoRA {vs_lora:.2f}x (target <= {TARGET_BLOCK_VS_LORA}x), "
+                f"{name}/floor {vs_floor:.2f}x (target <= {TARGET_BLOCK_VS_FLOOR}x): {'met' if block_met else 'MISSED'}"
+            )
     return ok
 
 

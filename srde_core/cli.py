@@ -2,7 +2,7 @@
 
     srde run RECIPE [--set key=value ...] [--resume | --fresh]     (RECIPE: a file or srde:NAME)
     srde validate RECIPE [--set ...]        srde show RECIPE [--set ...] [--json]
-    srde list-plugins [--json]
+    srde list-plugins [--json]               srde plan RECIPE [--gpus N] [--gpu-memory GIB]
     srde eval RUN_DIR [--json]              srde generate RUN_DIR --prompt TEXT
 
 Every error ends in one line on stderr, ``srde: error: ...``, and an exit status: 2 for what the
@@ -152,10 +152,31 @@ def cmd_run(args) -> int:
     args.plugins_loaded, args.log_dir = plugins, run_directory(recipe)
 
     run = execute(recipe, plugins, _console(), resume=args.resume, fresh=args.fresh)
-    if run.dist.is_main:
-        from srde_core.evaluate.report import print_loss_summary
+    # the main process evaluates the whole model: every process takes part in gathering it
+    # where the engine partitions parameters (ZeRO-3)
+    with run.engine.gather(list(run.model.parameters())):
+        if run.dist.is_main:
+            from srde_core.evaluate.report import print_loss_summary
 
-        print_loss_summary(run)
+            print_loss_summary(run)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    if args.gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpu_memory <= 0:
+        raise UsageError(f"--gpu-memory must be positive, got {args.gpu_memory}")
+    recipe, _ = _load(args)
+    from srde_core.plan import plan_memory, print_plan
+
+    vocab = None
+    if not recipe.model.name_or_path and "vocab_size" not in recipe.model.config:
+        from srde_core.data.tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(recipe.tokenizer, base_dir=recipe.base_dir, source=str(recipe.path)).vocab_size
+    plan = plan_memory(recipe, gpus=args.gpus, phase=args.phase, tokenizer_vocab=vocab)
+    print_plan(plan, _console(), gpu_memory_gib=args.gpu_memory)
     return 0
 
 
@@ -224,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("plan", help="memory per GPU of a recipe's training (model on the meta device, no download)")
+    _add_recipe_args(p)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the engine shards over (default 1)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory of one GPU, GiB (default 80)")
+    p.add_argument("--phase", default=None, help="the phase to plan (default: the last)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("list-plugins", help="list plugins and the components they provide")
     p.add_argument("--json", action="store_true")

@@ -50,12 +50,16 @@ class Dist:
             td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 
     def all_sum(self, tensor):
-        """The sum of ``tensor`` over processes (a new tensor, no gradient)."""
+        """The sum of ``tensor`` over processes (a new tensor on its device, no gradient)."""
         tensor = tensor.detach().clone()
         if self.distributed:
             import torch.distributed as td
 
+            device = tensor.device
+            if td.get_backend() == "nccl" and device.type != "cuda":  # nccl reduces CUDA tensors only
+                tensor = tensor.to(f"cuda:{self.local_rank}")
             td.all_reduce(tensor, op=td.ReduceOp.SUM)
+            tensor = tensor.to(device)
         return tensor
 
     def mean_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:

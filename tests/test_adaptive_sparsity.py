@@ -56,7 +56,6 @@ def test_value_goes_from_start_to_end_and_state_round_trips():
 def test_bank_keeps_the_most_important_entries_prunes_exactly_and_moves_optimiser_state():
     from test_exactness import assert_matches, build_layer
 
-    from srde_core.train.engine import TorchSession
 
     mlp = build_layer("sparse", "random", 16, 24, 3, 2)
     bank = mlp.banks["up_proj"]
@@ -72,7 +71,8 @@ def test_bank_keeps_the_most_important_entries_prunes_exactly_and_moves_optimise
     bank.add_remap_listener(events.append)
     remaps = bank.prune()
     assert bank.count == keep and events == [remaps] and {r.new.shape for r in remaps} == {(3, keep)}
-    assert torch.equal(mlp(x).detach(), before)  # pruning drops only entries that were already zero
+    # pruning drops only entries that were already zero: the same output up to the order of float sums
+    torch.testing.assert_close(mlp(x).detach(), before, rtol=0, atol=1e-6)
     assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
     assert bank.prune() == []  # nothing masked any more
 

@@ -14,6 +14,7 @@ CASES = [
     ("wrong-type", 'extends = "{micro}"\nseed = "zero"\n', [], ["bad.toml", "seed", "valid integer", "string 'zero'"]),
     ("out-of-range", 'extends = "{micro}"\n[data]\nseq_len = 2\n', [], ["data.seq_len", "greater than or equal to 8"]),
     ("component-arg-out-of-range", 'extends = "{micro}"\n[srde]\ndelta = {{ name = "sparse", density = 2.0 }}\n', [], ["srde.delta.density", "less than or equal"]),
+    ("selector-phase-point", 'extends = "{micro}"\n[srde]\ndelta = {{ name = "sparse", selector = {{ name = "gumbel_topk", harden_at = 1.5 }} }}\n', [], ["srde.delta.selector.harden_at", "fraction of the phase must be in (0, 1]"]),
     ("unknown-component", 'extends = "{micro}"\n[srde]\ndelta = "sprase"\n', [], ["srde.delta.name", "unknown delta 'sprase'", "did you mean 'sparse'", "available:"]),
     ("unknown-component-arg", 'extends = "{micro}"\n[srde]\nlayout = {{ name = "uniform", num_expert = 4 }}\n', [], ["srde.layout.num_expert", "did you mean 'num_experts'"]),
     ("unknown-trainer", 'extends = "{micro}"\n[[phases]]\nname = "a"\ntrainer = "jiont"\nsteps = 1\n', [], ["phases[0].trainer.name", "unknown trainer 'jiont'", "did you mean 'joint'"]),

@@ -74,6 +74,20 @@ def test_fingerprint_is_stable_and_tracks_the_file(tmp_path, tokenizer):
     assert other.fingerprint != tokenizer.fingerprint
 
 
+def test_a_checkpoint_directory_means_its_tekken_json(tmp_path):
+    checkpoint = tmp_path / "Ministral-ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    shipped = mistral_common_data_dir() / "tekken_240911.json"
+    (checkpoint / "tekken.json").write_bytes(shipped.read_bytes())
+    tok = load_tokenizer(TokenizerParams(file="Ministral-ckpt"), base_dir=tmp_path)
+    assert tok.fingerprint == load_tokenizer(TokenizerParams(file="tekken_240911.json")).fingerprint
+    assert tok.vocab_size == 131072
+    (tmp_path / "no-tokenizer").mkdir()
+    with pytest.raises(DataError, match=r"tokenizer.file: 'no-tokenizer' not found \(not a file, nor a directory holding tekken.json"):
+        load_tokenizer(TokenizerParams(file="no-tokenizer"), base_dir=tmp_path)
+
+
 def test_tokenizer_errors_name_the_key(tmp_path):
     with pytest.raises(DataError, match=r"^recipe.toml: tokenizer.file: 'nope.model' not found"):
         load_tokenizer(TokenizerParams(file="nope.model"), base_dir=tmp_path, source="recipe.toml")

@@ -16,6 +16,7 @@ from torch import nn
 
 from srde_testkit import make_router
 
+from srde_core.model.context import ForwardContext
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
 from srde_core.model.reference import dense_reference
 from srde_core.params import slot_fields
@@ -29,6 +30,9 @@ PLUGINS = load_plugins()
 REGISTRIES = PLUGINS.registries
 #: Tests use a higher density than the default so that small weights get many positions.
 TEST_DENSITY = 0.2
+#: The budget of every token (ForwardContext.budget) where a test sets no context: banks that vary their
+#: size per token (dynamic sparsity) then use part of their entries, at one fixed level; others ignore it.
+TEST_BUDGET = 0.7
 
 
 def _uses_selector(delta: str) -> bool:
@@ -98,7 +102,7 @@ def build_layer(
         with torch.no_grad():
             for bank in banks.values():
                 for name in bank.trainable_names:
-                    getattr(bank, name).normal_(0.0, 0.5, generator=generator)
+                    bank.get_parameter(name).normal_(0.0, 0.5, generator=generator)
     return mlp
 
 
@@ -106,7 +110,7 @@ def trainable_tensors(mlp: SRDEMLP) -> dict[str, torch.Tensor]:
     tensors = {"router.gate.weight": mlp.router.gate.weight}
     for proj, bank in mlp.banks.items():
         for name in bank.trainable_names:
-            tensors[f"{proj}.{name}"] = getattr(bank, name)
+            tensors[f"{proj}.{name}"] = bank.get_parameter(name)
     return tensors
 
 
@@ -119,7 +123,8 @@ def run(mlp: SRDEMLP, forward, x: torch.Tensor, grad: torch.Tensor) -> tuple[tor
     y = forward(mlp, x)
     (y.to(grad.dtype) * grad).sum().backward()
     grads = {"x": x.grad.clone()}
-    grads.update({name: p.grad.clone() for name, p in params.items()})
+    # A parameter that only an auxiliary loss trains (a difficulty head) gets no gradient from either path.
+    grads.update({name: p.grad.clone() for name, p in params.items() if p.grad is not None})
     return y.detach(), grads
 
 
@@ -130,8 +135,10 @@ def fast(mlp, x):
 def assert_matches(mlp: SRDEMLP, x: torch.Tensor, *, rtol: float, atol: float, compare_dtype=None):
     compare_dtype = compare_dtype or x.dtype
     grad = torch.randn(*x.shape, generator=torch.Generator().manual_seed(1)).to(compare_dtype)
-    y_fast, g_fast = run(mlp, fast, x, grad)
-    y_ref, g_ref = run(mlp, dense_reference, x, grad)
+    context = mlp.context.current or ForwardContext(budget=torch.tensor([TEST_BUDGET]))
+    with mlp.context.using(context):
+        y_fast, g_fast = run(mlp, fast, x, grad)
+        y_ref, g_ref = run(mlp, dense_reference, x, grad)
     scale = y_ref.abs().max().item()
     torch.testing.assert_close(y_fast.to(compare_dtype), y_ref.to(compare_dtype), rtol=rtol, atol=atol * scale)
     assert g_fast.keys() == g_ref.keys()
@@ -195,7 +202,7 @@ def test_experts_without_tokens(delta, selector):
     mlp(x).sum().backward()
     for bank in mlp.banks.values():
         for name in bank.trainable_names:
-            grad = getattr(bank, name).grad
+            grad = bank.get_parameter(name).grad
             if grad is not None and grad.shape[:1] == (experts,):
                 assert torch.equal(grad[starved], torch.zeros_like(grad[starved]))
 

@@ -32,6 +32,7 @@ def phase1_run(tmp_path_factory, plugins):
         [[phases]]
         name = "pretrain"
         trainer = {{ name = "expert_pretrain", warm_start_batches = 2 }}
+        sampler = "domain_balanced"
         steps = 4
         batch_size = 8
         lr = 1e-2

@@ -111,9 +111,12 @@ def test_show_prints_resolved_toml_and_json(micro_recipe, capsys):
 def test_validate_succeeds_on_every_shipped_recipe(capsys):
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+    shipped = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(shipped.glob("*.toml"))
     assert {r.name for r in recipes} >= {"tiny.toml", "max.toml", "balanced.toml", "fast.toml"}
-    for recipe in recipes:
+    ablations = sorted((shipped / "ablations").glob("*.toml"))
+    assert {r.stem for r in ablations} >= {"sparse", "peft_lora"}
+    for recipe in recipes + ablations:
         if recipe.name.startswith("_"):
             continue
         assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
@@ -126,3 +129,18 @@ def test_a_component_table_naming_another_component_replaces_the_old_one(tmp_pat
     same = write(tmp_path / "s.toml", f'extends = "{micro_recipe}"\n[srde]\ndelta = {{ name = "sparse", init_importance = 1.0 }}\n')
     merged = load_recipe(same, plugins).srde.delta.params
     assert merged.density == 0.05 and merged.init_importance == 1.0  # same component: arguments merge
+
+
+def test_every_ablation_keeps_the_tiny_base_so_the_cached_base_is_shared(plugins):
+    """The ablation table compares expert phases on one base: every ablation's base phase, model,
+    tokenizer and data must be tiny's (else it would train, and be compared on, another base)."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes"
+    tiny = load_recipe(shipped / "tiny.toml", plugins).resolved
+    for path in sorted((shipped / "ablations").glob("*.toml")):
+        recipe = load_recipe(path, plugins).resolved
+        assert recipe["name"] == f"ablation-{path.stem}", path.name
+        for key in ("model", "tokenizer", "data"):
+            assert recipe[key] == tiny[key], (path.name, key)
+        assert recipe["phases"][0] == tiny["phases"][0], path.name

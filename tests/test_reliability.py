@@ -8,7 +8,6 @@ copied tokenizer file) serves the module; cases that damage it put it back.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -16,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -57,7 +57,7 @@ def test_a_tracker_that_cannot_start_stops_the_run_in_one_line_or_warns(tmp_path
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    bad = [f"plugins.tensorboard.enabled=true", f'plugins.tensorboard.log_dir="{blocker / "tb"}"']
+    bad = ["plugins.tensorboard.enabled=true", f'plugins.tensorboard.log_dir="{blocker / "tb"}"']
     with pytest.raises(SRDEError, match="tracker 'tensorboard' failed to start"):
         run_recipe_in(tmp_path, micro_recipe, plugins, bad)
     run = run_recipe_in(tmp_path, micro_recipe, plugins, [*bad, 'plugins.tensorboard.on_error="continue"'], fresh=True)

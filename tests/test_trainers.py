@@ -53,3 +53,26 @@ def test_trainers_are_registered_with_their_params(plugins):
     registry = plugins.registries["trainer"]
     assert {"base_pretrain", "joint"} <= set(registry.names())
     assert registry.get("base_pretrain").params is BasePretrainParams
+
+
+def test_base_seed_shares_one_base_across_run_seeds(plugins, micro_recipe):
+    recipe = load_recipe(micro_recipe, plugins, ["base_seed=0"])
+    key = _base_key(fake_run(recipe), recipe.phases[0])
+    other_seed = load_recipe(micro_recipe, plugins, ["base_seed=0", "seed=5"])
+    assert _base_key(fake_run(other_seed), other_seed.phases[0]) == key
+    other_base = load_recipe(micro_recipe, plugins, ["base_seed=3"])
+    assert _base_key(fake_run(other_base), other_base.phases[0]) != key
+
+
+def test_runs_of_other_seeds_train_their_experts_on_the_one_cached_base(tmp_path, plugins, micro_recipe):
+    from safetensors.torch import load_file
+
+    from conftest import run_recipe_in
+
+    first = run_recipe_in(tmp_path, micro_recipe, plugins, ["base_seed=0", "seed=0", "name=s0"])
+    second = run_recipe_in(tmp_path, micro_recipe, plugins, ["base_seed=0", "seed=1", "name=s1"])
+    assert first.base.weights == second.base.weights  # the second run loaded the first one's base
+    a = load_file(tmp_path / "runs" / "s0" / "adapter.safetensors")
+    b = load_file(tmp_path / "runs" / "s1" / "adapter.safetensors")
+    values = [k for k in a if k.endswith("values")]
+    assert values and any(not (a[k] == b[k]).all() for k in values)  # the seeds still differ

@@ -19,6 +19,8 @@ _EXPORTS = {
     "encode_example": "dataset",
     "join_prompt_answer": "dataset",
     "load_data": "dataset",
+    "Groups": "groups",
+    "group_rows": "groups",
     "ColumnsParams": "params",
     "DataParams": "params",
     "GenerateParams": "params",

@@ -23,7 +23,8 @@ def collate(
     ``domain_id``. With ``domains`` (the bundle's list), ids are looked up from each row's
     ``domain`` name instead, which stays right for rows from a dataset a plugin rebuilt. Returns ``input_ids`` and ``attention_mask``
     (B, T), ``labels`` (B, T) — the input ids, not shifted (the causal LM shifts), with -100 on
-    padding and, when ``loss_on == "answer"``, on the BOS + prompt tokens — and ``domain_ids`` (B,).
+    padding and, when ``loss_on == "answer"``, on the BOS + prompt tokens — and ``domain_ids`` (B,),
+    and ``difficulty`` (B,) when the rows carry the data's difficulty level.
     Use ``functools.partial(collate, pad_id=..., loss_on=...)`` as a DataLoader ``collate_fn``.
     """
     if loss_on not in ("all", "answer"):
@@ -52,4 +53,7 @@ def collate(
     else:
         ids_of_rows = [int(row["domain_id"]) for row in batch_rows]
     domain_ids = torch.tensor(ids_of_rows, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "domain_ids": domain_ids}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "domain_ids": domain_ids}
+    if all("difficulty" in row for row in batch_rows):
+        batch["difficulty"] = torch.tensor([int(row["difficulty"]) for row in batch_rows], dtype=torch.long)
+    return batch

@@ -133,10 +133,16 @@ def _hf_digest(hf_tokenizer) -> str:
     return hashlib.sha256((content + extra).encode("utf-8")).hexdigest()
 
 
+#: In a checkpoint directory, the tokenizer files mistral-common reads, in order of preference.
+CHECKPOINT_TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model")
+
+
 def _resolve_file(file: str, base_dir: Path | None) -> Path | None:
     candidate = Path(file).expanduser()
     if not candidate.is_absolute() and base_dir is not None:
         candidate = base_dir / candidate
+    if candidate.is_dir():  # a checkpoint directory: its tekken.json (or SentencePiece model)
+        return next((candidate / name for name in CHECKPOINT_TOKENIZER_FILES if (candidate / name).is_file()), None)
     if candidate.is_file():
         return candidate
     shipped = mistral_common_data_dir() / file
@@ -151,7 +157,8 @@ def load_tokenizer(
     """The tokenizer a recipe's ``[tokenizer]`` table names.
 
     ``file`` (kind ``mistral-common``) is a path, relative to ``base_dir`` (the recipe's directory)
-    when given, or the bare name of a file shipped in mistral_common's ``data/`` directory.
+    when given, or the bare name of a file shipped in mistral_common's ``data/`` directory; a
+    directory (a downloaded checkpoint) means its ``tekken.json`` (or ``tokenizer.model.v*``).
     ``name_or_path`` (kind ``hf``) is a local directory or a hub id. Failures raise
     :class:`DataError` naming ``source`` (the recipe file) and the key.
     """
@@ -161,7 +168,8 @@ def load_tokenizer(
         if path is None:
             shipped = ", ".join(sorted(p.name for p in mistral_common_data_dir().iterdir() if p.is_file()))
             raise DataError(
-                f"'{params.file}' not found (not a file, nor one shipped with mistral-common: {shipped})",
+                f"'{params.file}' not found (not a file, nor a directory holding {' or '.join(CHECKPOINT_TOKENIZER_FILES[:2])}, "
+                f"nor one shipped with mistral-common: {shipped})",
                 source=source,
                 key="tokenizer.file",
             )

@@ -35,10 +35,25 @@ def model_class(architecture: str):
     return cls
 
 
-def _from_pretrained(cls, spec, dtype, kwargs, source: str):
+def model_location(recipe) -> str:
+    """``model.name_or_path`` as ``from_pretrained`` takes it: a relative path that exists next to
+    the recipe (like its data and tokenizer files) resolves there; anything else is a hub id or a
+    path from the working directory."""
+    from pathlib import Path
+
+    name = recipe.model.name_or_path
+    local = Path(name).expanduser()
+    base = getattr(recipe, "base_dir", None)
+    if base is not None and not local.is_absolute() and (Path(base) / local).exists():
+        return str(Path(base) / local)
+    return name
+
+
+def _from_pretrained(cls, spec, dtype, kwargs, recipe):
     """``cls.from_pretrained``; a model that cannot be loaded ends in one line saying why."""
+    source = str(recipe.path)
     try:
-        return cls.from_pretrained(spec.name_or_path, dtype=dtype, **spec.config, **kwargs)
+        return cls.from_pretrained(model_location(recipe), dtype=dtype, **spec.config, **kwargs)
     except (OSError, ValueError, EnvironmentError, ImportError, KeyError, TypeError) as err:
         reason = " ".join(str(err).split())
         if len(reason) > 300:
@@ -54,7 +69,8 @@ def build_base_model(run):
     """Load (``name_or_path``) or build from ``model.config`` the base model, on the run's device.
 
     Construction runs inside every context the ``srde_model_init_context`` hook returns (ZeRO-3
-    partitions parameters as they are created).
+    partitions parameters as they are created); without one, the weights are created or loaded
+    straight onto the run's device (``device_map``, or a ``torch.device`` context).
     """
     import contextlib
 
@@ -64,12 +80,16 @@ def build_base_model(run):
     cls = model_class(spec.architecture)
     kwargs = _load_kwargs(run)
     dtype = getattr(torch, spec.dtype)
+    contexts = [c for c in run.hook.srde_model_init_context(run=run) if c is not None]
+    if not contexts and spec.name_or_path:  # nothing partitions the weights: load them onto the device
+        kwargs.setdefault("device_map", str(run.device))
+    elif not contexts:
+        contexts.append(torch.device(run.device))
     with contextlib.ExitStack() as stack:
-        for context in run.hook.srde_model_init_context(run=run):
-            if context is not None:
-                stack.enter_context(context)
+        for context in contexts:
+            stack.enter_context(context)
         model = _construct(run, cls, spec, dtype, kwargs)
-    model.to(run.device)
+    model.to(run.device)  # a no-op where the parameters were created there
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -83,7 +103,7 @@ def _construct(run, cls, spec, dtype, kwargs):
     import torch
 
     if spec.name_or_path:
-        return _from_pretrained(cls, spec, dtype, kwargs, str(run.recipe.path))
+        return _from_pretrained(cls, spec, dtype, kwargs, run.recipe)
     else:
         tokenizer = run.tokenizer
         defaults = {
@@ -96,7 +116,7 @@ def _construct(run, cls, spec, dtype, kwargs):
             config = cls.config_class(**{**defaults, **spec.config})
         except (TypeError, ValueError) as err:
             raise SRDEError(f"invalid model config: {err}", source=str(run.recipe.path), key="model.config") from None
-        torch.manual_seed(run.recipe.seed)
+        torch.manual_seed(run.recipe.base_model_seed)
         return cls._from_config(config, dtype=dtype, **kwargs)
 
 

@@ -34,10 +34,23 @@ from srde_core.model.routing import Routing
 
 
 class Selector(nn.Module, ABC):
-    """Chooses, per expert, ``count`` flat positions of a ``(out, in)`` weight."""
+    """Chooses, per expert, ``count`` flat positions of a ``(out, in)`` weight.
+
+    A selector that learns keeps choosing during training. The bank that holds it (as its submodule
+    ``selector``, when the selector has state) multiplies its entries by :meth:`entry_scale` in
+    every forward, and after every optimiser step :meth:`after_step` may move the entries, only
+    through ``bank.set_positions`` (its remaps reach the optimiser). Its state lives in parameters
+    and buffers, so checkpoints and adapters carry it and a resumed run continues exactly.
+    """
 
     #: Names of this selector's parameters that train (saved with the adapter either way).
     trainable_names: tuple[str, ...] = ()
+
+    def plan_count(self, count: int, numel: int) -> int:
+        """Told once, before :meth:`select`, that each expert should end with ``count`` of the
+        weight's ``numel`` entries; returns how many it starts with (``select`` is asked for that
+        many): ``count``, or more for a selector that narrows its entries down in training."""
+        return count
 
     @abstractmethod
     def select(
@@ -47,6 +60,17 @@ class Selector(nn.Module, ABC):
 
         ``weight`` is the full frozen weight: under ZeRO-3 the caller gathers it first.
         """
+
+    def bind(self, bank: DeltaBank) -> None:
+        """Called once by the bank that keeps this selector (e.g. to register torch hooks on it)."""
+
+    def entry_scale(self, bank: DeltaBank) -> torch.Tensor | None:
+        """``[E, P]``: a (differentiable) multiplier of the bank's entries in this forward, or None."""
+        return None
+
+    def after_step(self, bank: DeltaBank, step: int, total_steps: int, dist: Any) -> None:
+        """Called after optimiser step ``step`` (1-based) of a phase of ``total_steps`` that trains
+        ``bank``, on every process (``dist``: :class:`srde_core.dist.Dist`, to agree on decisions)."""
 
 
 @dataclass
@@ -96,6 +120,10 @@ class DeltaBank(nn.Module, ABC):
     #: State entries whose size may change during training (pruning, growing): loading a state of
     #: another size resizes the bank (and notifies the remap listeners) instead of failing.
     resizable_state: tuple[str, ...] = ()
+    #: Whether ``forward`` traces under ``torch.compile`` (fixed shapes, no host syncs such as
+    #: ``routing.groups().offsets``, no sparse tensors): the layer then compiles it into its graph.
+    #: Other banks run eagerly inside a compiled layer, which compiles around them.
+    compile_traceable: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,7 +136,16 @@ class DeltaBank(nn.Module, ABC):
 
     @abstractmethod
     def delta_weight(self, expert: int) -> torch.Tensor:
-        """The dense ``dW`` of one expert, ``(out, in)``: for the reference path, merging and analysis."""
+        """The dense ``dW`` of one expert, ``(out, in)``: for the reference path, merging and analysis.
+        A bank whose size varies per token (see :meth:`token_budgets`) also takes ``budget=b``: the
+        delta it applies to a token at budget ``b``; without it, the whole bank's delta."""
+
+    def token_budgets(self, x: torch.Tensor, call: BankCall) -> torch.Tensor | None:
+        """``[T]``: the fraction of its entries this bank uses for each token of its input ``x``
+        (dynamic sparsity: from ``call.context.budget`` or the bank's own prediction), or None when
+        every token uses the whole bank. The dense reference asks for it and materialises
+        ``delta_weight(e, budget=b)`` per token."""
+        return None
 
     def gram(self) -> torch.Tensor:
         """``[E, E]``: the inner products ``<dW_a, dW_b>`` of the experts' dense deltas

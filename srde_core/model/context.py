@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,13 +30,17 @@ class ForwardContext:
     """What a forward pass knows beyond the hidden states.
 
     :ivar domain_ids: the domain of each example or token (long).
-    :ivar difficulty: a difficulty in [0, 1] per example or token (float).
+    :ivar difficulty: the data's difficulty per example or token (the ``difficulty`` column: an
+        integer level, higher is harder, 0 where the data gives none).
     :ivar forced_experts: experts to route to, ``[B]``/``[T]`` (one each) or ``[B, k]``/``[T, k]``,
         or a mapping from decoder layer to such a tensor (layers with different expert counts);
         routers then use these, with equal gate weights (Phase 1 expert pre-training).
     :ivar budget: the fraction of its entries a bank may use per example or token, in (0, 1]
         (dynamic sparsity); banks that cannot vary their size ignore it.
     :ivar routings: filled during the forward, decoder layer index -> :class:`Routing`.
+    :ivar records: what modules record during the forward for the losses to read (a bank's
+        difficulty predictions, ...), by a key the recording module chooses; overwritten, never
+        appended, like the routings.
     """
 
     domain_ids: torch.Tensor | None = None
@@ -44,6 +48,7 @@ class ForwardContext:
     forced_experts: torch.Tensor | Mapping[int, torch.Tensor] | None = None
     budget: torch.Tensor | None = None
     routings: dict[int, Routing] = field(default_factory=dict)
+    records: dict[Any, Any] = field(default_factory=dict)
 
     def per_token(self, value: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
         """``value`` (per example ``[B, ...]`` or per token ``[T, ...]``) as one row per token.

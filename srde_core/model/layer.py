@@ -13,6 +13,8 @@ term on top.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -52,12 +54,14 @@ class SRDEMLP(nn.Module):
         self.context = context if context is not None else ContextSlot()
         self.enabled = True
 
-    def _project(self, name: str, x: torch.Tensor, call: BankCall | None) -> torch.Tensor:
-        out = getattr(self.base, name)(x)
-        if call is not None and name in self.banks:
-            call.projection = name
-            out = self.combine.merge(out, self.banks[name](x, call), name)
-        return out
+    def _term(self, name: str, call: BankCall):
+        """The function ``(x, call) -> [T, out]`` giving projection ``name``'s expert term: its bank,
+        or the bank run eagerly when it does not trace (``DeltaBank.compile_traceable``). Returned
+        rather than called so that, in a compiled layer, the graph break of an eager bank sits in
+        :meth:`forward` itself: a break inside a nested call would break its caller's graph too."""
+        call.projection = name
+        bank = self.banks[name]
+        return bank if getattr(bank, "compile_traceable", False) else partial(_eager_bank, bank)
 
     def route(self, x: torch.Tensor, context: ForwardContext):
         """This layer's routing of the flat tokens ``x`` (router, then the combine step; a forced
@@ -71,14 +75,27 @@ class SRDEMLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        shared = h_call = None
-        if self.enabled:
+        gate, up = self.base.gate_proj(x), self.base.up_proj(x)
+        banks = self.banks if self.enabled else {}
+        if banks:
             context = self.context.current or ForwardContext()
             routing = self.route(x, context)
             shared = BankCall(routing, context)  # gate_proj and up_proj take the same input
-            h_call = BankCall(routing, context)
-        gate = self._project("gate_proj", x, shared)
-        up = self._project("up_proj", x, shared)
+            if "gate_proj" in banks:
+                gate = self.combine.merge(gate, self._term("gate_proj", shared)(x, shared), "gate_proj")
+            if "up_proj" in banks:
+                up = self.combine.merge(up, self._term("up_proj", shared)(x, shared), "up_proj")
         h = self.base.act_fn(gate) * up
-        y = self._project("down_proj", h, h_call)
+        y = self.base.down_proj(h)
+        if "down_proj" in banks:
+            h_call = BankCall(routing, context)
+            y = self.combine.merge(y, self._term("down_proj", h_call)(h, h_call), "down_proj")
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+@torch.compiler.disable
+def _eager_bank(bank: DeltaBank, x: torch.Tensor, call: BankCall) -> torch.Tensor:
+    """A bank that does not trace (see ``DeltaBank.compile_traceable``), run eagerly: inside a
+    compiled layer it is one graph break, and its host-side values (per-expert offsets) are never
+    specialised on, so a new routing never recompiles the layer."""
+    return bank(x, call)

@@ -7,7 +7,8 @@ a bank computes, with dense per-expert deltas materialised from ``bank.delta_wei
     out_t = combine.merge(W x_t + b,  sum_k w_tk * dW_{e_tk} x_t)
 
 and the token goes through the plain gated MLP ``down(act(gate(x)) * up(x))`` with those
-projections. With the default combine step this is ``(W + sum_k w_tk dW_{e_tk}) x_t``. Nothing
+projections. A bank whose size varies per token (``bank.token_budgets``, dynamic sparsity) gives
+token ``t`` the delta ``bank.delta_weight(e, budget=b_t)`` of its budget. With the default combine step this is ``(W + sum_k w_tk dW_{e_tk}) x_t``. Nothing
 here is fast. Tests compare every delta type, selector, router, combine step and kernel against it.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from srde_core.model.components import BankCall
 from srde_core.model.context import ForwardContext
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
 
@@ -56,19 +58,32 @@ def dense_reference(mlp: SRDEMLP, hidden: torch.Tensor, context: ForwardContext 
         for name, bank in mlp.banks.items():
             deltas[name] = torch.stack([bank.delta_weight(e).to(dtype) for e in range(bank.num_experts)])
 
-    def project(name: str, t: int, v: torch.Tensor) -> torch.Tensor:
+    budgeted = {}  # (projection, expert, budget) -> dense delta at that budget
+
+    def delta_of(name: str, expert: int, budget: float | None) -> torch.Tensor:
+        if budget is None:
+            return deltas[name][expert]
+        key = (name, expert, budget)
+        if key not in budgeted:
+            budgeted[key] = mlp.banks[name].delta_weight(expert, budget=budget).to(dtype)
+        return budgeted[key]
+
+    def project(name: str, v: torch.Tensor) -> torch.Tensor:
+        """The projection of every token ``v[t]`` (``[T, in]``), one token at a time."""
         out = F.linear(v, *parts[name])
         if name not in deltas:
             return out
-        delta = torch.zeros_like(out)
-        for k in range(routing.top_k):
-            expert = int(routing.experts[t, k])
-            delta = delta + routing.weights[t, k].to(dtype) * (deltas[name][expert] @ v)
-        return mlp.combine.merge(out[None], delta[None], name)[0]
+        budgets = mlp.banks[name].token_budgets(v, BankCall(routing, context))
+        rows = []
+        for t in range(v.shape[0]):
+            budget = None if budgets is None else float(budgets[t])
+            delta = torch.zeros_like(out[t])
+            for k in range(routing.top_k):
+                expert = int(routing.experts[t, k])
+                delta = delta + routing.weights[t, k].to(dtype) * (delta_of(name, expert, budget) @ v[t])
+            rows.append(mlp.combine.merge(out[t][None], delta[None], name)[0])
+        return torch.stack(rows) if rows else out
 
-    rows = []
-    for t in range(x.shape[0]):
-        h = mlp.base.act_fn(project("gate_proj", t, x[t])) * project("up_proj", t, x[t])
-        rows.append(project("down_proj", t, h))
-    y = torch.stack(rows) if rows else x.new_zeros(0, parts["down_proj"][0].shape[0])
+    h = mlp.base.act_fn(project("gate_proj", x)) * project("up_proj", x)
+    y = project("down_proj", h)
     return y.reshape(*shape[:-1], y.shape[-1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -22,14 +23,25 @@ from srde_core.model.context import ForwardContext
 class ExpertGroups:
     """Token slots grouped by expert, computed once per routing and shared by every projection.
 
-    ``tokens[offsets[e]:offsets[e+1]]`` are the token indices routed to expert ``e`` and
-    ``weights`` the matching gate values (same order).
+    ``tokens[bounds[e]:bounds[e+1]]`` are the token indices routed to expert ``e`` and ``weights``
+    the matching gate values (same order). ``bounds`` (``[E + 1]``, on the routing's device) is
+    computed with fixed-shape ops and no host sync, so grouping traces under ``torch.compile``;
+    ``offsets`` and ``counts`` are the same bounds as Python ints, read from the device on first use
+    (one host sync: for kernels that loop over the experts on the host).
     """
 
     tokens: torch.Tensor  # [T*k] long
     weights: torch.Tensor  # [T*k] gate values, differentiable
-    counts: list[int]
-    offsets: list[int]
+    bounds: torch.Tensor  # [E + 1] long
+
+    @cached_property
+    def offsets(self) -> list[int]:
+        return self.bounds.tolist()
+
+    @property
+    def counts(self) -> list[int]:
+        offsets = self.offsets
+        return [hi - lo for lo, hi in zip(offsets, offsets[1:])]
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.offsets[e], self.offsets[e + 1]
@@ -52,19 +64,17 @@ class Routing:
         return self.experts.shape[1]
 
     def groups(self) -> ExpertGroups:
+        """The token slots sorted by expert (stable: token order within an expert); expert ``e``'s
+        slots start at the number of slots routed to experts below ``e`` (a ``searchsorted`` of
+        ``0..E`` in the sorted experts)."""
         if self._groups is None:
             flat_experts = self.experts.reshape(-1)
             order = torch.argsort(flat_experts, stable=True)
-            k = self.experts.shape[1]
-            counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-            offsets = [0]
-            for c in counts:
-                offsets.append(offsets[-1] + c)
+            edges = torch.arange(self.num_experts + 1, device=flat_experts.device, dtype=flat_experts.dtype)
             self._groups = ExpertGroups(
-                tokens=order // k,
+                tokens=order // self.experts.shape[1],
                 weights=self.weights.reshape(-1)[order],
-                counts=counts,
-                offsets=offsets,
+                bounds=torch.searchsorted(flat_experts[order], edges),
             )
         return self._groups
 
@@ -73,9 +83,11 @@ class Routing:
         return replace(self, weights=weights, experts=self.experts if experts is None else experts, _groups=None)
 
     def load(self) -> torch.Tensor:
-        """Fraction of routed token slots per expert, ``[E]`` (no gradient)."""
-        counts = torch.bincount(self.experts.reshape(-1), minlength=self.num_experts)
-        return counts.float() / max(1, self.experts.numel())
+        """Fraction of routed token slots per expert, ``[E]`` (no gradient; fixed shape, no host sync)."""
+        flat = self.experts.reshape(-1)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        return counts.float() / max(1, flat.numel())
 
 
 class Router(nn.Module, ABC):
@@ -101,7 +113,10 @@ class Router(nn.Module, ABC):
         if forced is None:
             return routing
         forced = forced.reshape(x.shape[0], -1).to(device=x.device, dtype=torch.long)
-        if forced.numel() and (int(forced.min()) < 0 or int(forced.max()) >= self.num_experts):
+        # checked in eager mode only: reading the bounds is a host sync (a graph break under compile)
+        if not torch.compiler.is_compiling() and forced.numel() and (
+            int(forced.min()) < 0 or int(forced.max()) >= self.num_experts
+        ):
             raise ValueError(f"forced experts must lie in [0, {self.num_experts})")
         weights = torch.full(forced.shape, 1.0 / forced.shape[1], device=x.device, dtype=routing.weights.dtype)
         return routing.with_weights(weights, forced)

@@ -98,6 +98,14 @@ class RecipeParams(Params):
     name: str = Field(min_length=1, description="run name: the run directory is output_dir/name")
     description: str = ""
     seed: int = 0
+    base_seed: int | None = Field(
+        None,
+        description=(
+            "seed of the base model: its random initialisation and the phases that train it "
+            "(base_pretrain); default: seed. Fix it to share one trained, cached base across runs "
+            "that vary seed (the experts' initialisation, routing and data order)"
+        ),
+    )
     output_dir: str = Field("runs", description="where run directories go (relative to the working directory)")
     cache_dir: str = Field(".cache/srde", description="data, tokenisation and base-model caches")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -111,3 +119,8 @@ class RecipeParams(Params):
     plugins: dict[str, Any] = Field(
         default_factory=dict, description="`require = [...]` and one [plugins.NAME] table per plugin setting"
     )
+
+    @property
+    def base_model_seed(self) -> int:
+        """The seed of the base model (``base_seed``, else ``seed``)."""
+        return self.seed if self.base_seed is None else self.base_seed

@@ -39,17 +39,19 @@ class TrainingTarget:
 
 class Batches:
     """This process's micro-batches of a phase: micro-batch ``i`` is its share of global micro-batch
-    ``i`` (``phase.batch_size`` examples per process) from the phase's sampler."""
+    ``i`` (``phase.batch_size`` examples per process) from the phase's sampler (prepared here)."""
 
-    def __init__(self, run: Any, phase: Any):
+    def __init__(self, run: Any, phase: Any, seed: int | None = None):
         self.run = run
         self.phase = phase
+        self.seed = run.recipe.seed if seed is None else seed
         self.sampler = phase.sampler.build()
+        self.sampler.prepare(run, phase)
 
     def indices(self, micro_step: int) -> list[int]:
         dist = self.run.dist
         global_batch = self.sampler.indices(
-            self.run.data.train, self.phase, micro_step, self.phase.batch_size * dist.world_size, self.run.recipe.seed
+            self.run.data.train, self.phase, micro_step, self.phase.batch_size * dist.world_size, self.seed
         )
         return shard(list(global_batch), dist.rank, dist.world_size)
 
@@ -96,6 +98,7 @@ def drive(
     *,
     state: Mapping[str, Any] | None = None,
     updates_per_step: int = 1,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Run ``phase.steps`` optimiser steps of ``step_fn``; resume from the latest checkpoint if asked.
 
@@ -103,7 +106,7 @@ def drive(
     ``state`` names objects with ``state_dict``/``load_state_dict`` (scalar schedules, samplers
     with state) that are checkpointed with the phase; those with ``observe(step, metrics)`` see
     every step's metrics. ``updates_per_step``: optimiser updates ``step_fn`` makes per step (the LR
-    schedule spans them all).
+    schedule spans them all). ``seed``: the seed of the phase's data order (default: the run's).
     """
     state = dict(state or {})
     dist = run.dist
@@ -111,7 +114,7 @@ def drive(
     if run.experts is not None:
         run.experts.add_remap_listener(session.remap)
     try:
-        return _drive(run, phase, target, step_fn, state, session)
+        return _drive(run, phase, target, step_fn, state, session, seed)
     finally:
         if run.experts is not None:
             run.experts.remove_remap_listener(session.remap)
@@ -119,7 +122,7 @@ def drive(
         dist.barrier()
 
 
-def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
+def _drive(run, phase, target, step_fn, state, session, seed) -> dict[str, Any]:
     dist = run.dist
     start = 0
     last: dict[str, Any] = {}
@@ -148,7 +151,7 @@ def _drive(run, phase, target, step_fn, state, session) -> dict[str, Any]:
         if start >= phase.steps:
             return last
 
-    batches = Batches(run, phase)
+    batches = Batches(run, phase, seed)
     target.model.train()
     started = time.perf_counter()
     tokens = 0.0

@@ -32,7 +32,9 @@ class OptimizerSpec:
 
     AdamW with ``lr``, ``betas``, ``weight_decay``; ``schedule(step)`` multiplies ``lr`` at
     optimiser step ``step`` (0-based); gradients are clipped to ``max_grad_norm`` (None: no
-    clipping); ``precision`` is the phase's autocast choice.
+    clipping); ``precision`` is the phase's autocast choice. ``batch_size`` (examples per process
+    in one micro-batch) and ``grad_accum`` (micro-batches per optimiser step) describe the step's
+    shape, for engines that are configured with it (DeepSpeed).
     """
 
     lr: float
@@ -41,6 +43,8 @@ class OptimizerSpec:
     max_grad_norm: float | None
     schedule: Callable[[int], float]
     precision: str = "auto"
+    batch_size: int = 1
+    grad_accum: int = 1
 
     @classmethod
     def from_phase(cls, phase: Any, updates_per_step: int = 1) -> OptimizerSpec:
@@ -53,6 +57,8 @@ class OptimizerSpec:
             max_grad_norm=phase.max_grad_norm or None,  # 0 disables clipping
             schedule=phase.scheduler.build(total_steps=phase.steps * updates_per_step),
             precision=phase.precision,
+            batch_size=phase.batch_size,
+            grad_accum=phase.grad_accum,
         )
 
 
@@ -137,9 +143,11 @@ class Engine(ABC):
         run.dist.init(run.device.type)
         return run.device
 
-    def model_init_context(self) -> contextlib.AbstractContextManager:
-        """Entered while the base model is constructed (see the ``srde_model_init_context`` hook)."""
-        return contextlib.nullcontext()
+    def model_init_context(self) -> contextlib.AbstractContextManager | None:
+        """Entered while the base model is constructed (see the ``srde_model_init_context`` hook),
+        e.g. to partition parameters as they are created (ZeRO-3). None (the default): parameters
+        are created whole, straight on the run's device."""
+        return None
 
     def gather(self, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
         """A context in which ``tensors`` (parameters, possibly partitioned) are readable in full."""

@@ -1,11 +1,16 @@
-"""Batch samplers: `shuffled` (a new permutation every epoch; the default) and `curriculum` (easy first).
+"""Batch samplers: `shuffled` (a new permutation every epoch; the default), `curriculum` (easy first), `domain_balanced`.
 
-``curriculum`` orders the training examples by the data's ``difficulty`` column and lets each step
+``curriculum`` orders the training examples by their difficulty and lets each step
 draw from the easiest fraction ``c(t)`` (its *competence*), which grows from ``initial`` to 1 over
 ``warmup_epochs`` epochs of the training set: ``linear``, ``exponential`` (geometric), or
 ``competence`` (Platanios et al. 2019: ``c(t) = min(1, sqrt(t (1 - c0^2) / T + c0^2))``). Every batch
 is a pure function of the seed, the phase and the step, so a resumed run draws exactly the same
-batches.
+batches. The difficulty (``difficulty``) is the data's ``difficulty`` column, or each example's mean
+per-token loss under the base model (experts off), computed once before the phase and cached by the
+data's and the base's fingerprints; ``auto`` takes the column when its values differ, else the loss.
+
+``domain_balanced`` takes the same number of examples from every domain in each batch (Phase 1:
+equal examples per expert), drawn from the cached per-domain shards of the tokenised data.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ class CurriculumParams(Params):
     )
     warmup_epochs: float = Field(1.0, gt=0, description="epochs of the training set until every example is eligible")
     initial: float = Field(0.1, gt=0.0, le=1.0, description="competence at step 0: the easiest fraction eligible")
+    difficulty: Literal["auto", "column", "base_loss"] = Field(
+        "auto", description="what orders the examples: the data's difficulty column, the base model's mean "
+        "per-token loss on each (cached), or auto: the column when its values differ, else the base loss"
+    )
+
+
+class DomainBalancedParams(Params):
+    column: str = Field("domain", min_length=1, description="the column whose values make the groups (the domain)")
 
 
 @hookimpl
@@ -31,4 +44,6 @@ def srde_register(registry):
     registry.add("sampler", "shuffled", "srde_plugins.data.shuffled:ShuffledSampler", NoParams,
                  "Epoch-wise shuffled order: a new seeded permutation of the training set every epoch.")
     registry.add("sampler", "curriculum", "srde_plugins.data.curriculum:CurriculumSampler", CurriculumParams,
-                 "Easy examples first (data difficulty): linear, exponential or competence-based (Platanios 2019).")
+                 "Easy examples first (data difficulty or base-model loss): linear, exponential or competence-based (Platanios 2019).")
+    registry.add("sampler", "domain_balanced", "srde_plugins.data.balanced:DomainBalancedSampler", DomainBalancedParams,
+                 "Equal examples from every domain in each batch, from the cached per-domain shards (Phase 1).")

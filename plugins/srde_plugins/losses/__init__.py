@@ -15,6 +15,10 @@ from srde_core.params import NoParams, Params
 
 class LMParams(Params):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+    chunk_tokens: int = Field(
+        4096, ge=1,
+        description="labelled positions whose fp32 logits exist at once; more are checkpointed chunk by chunk",
+    )
 
 
 @hookimpl

@@ -2,8 +2,9 @@
 
 One driver step: sample answers to the step's prompts (the policy: experts on), score them, compute
 the log-probabilities of the sampled tokens under the policy at sampling time and under the reference
-(experts off), then ``epochs`` clipped updates. The step driver supplies resume, checkpoints, metrics,
-RNG (sampling uses the global RNG, restored on resume) and the data position.
+(experts off), then ``epochs`` clipped updates, then the reward model's updates, if any. The step
+driver supplies resume, checkpoints, metrics, RNG (sampling uses the global RNG, restored on resume)
+and the data position.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from srde_core.evaluate import evaluation_state
 from srde_core.model.context import ForwardContext
+from srde_core.train.checkpoints import save_tensors
 from srde_core.train.driver import StepContext, TrainingTarget, drive
 from srde_core.train.trainer import Trainer
 
@@ -29,11 +31,14 @@ class Rollout:
     positions: torch.Tensor  # [N, C]: the position whose output predicts answer token c
     targets: torch.Tensor  # [N, C]: the answer tokens (0 where padded)
     valid: torch.Tensor  # [N, C] bool
-    rewards: torch.Tensor  # [N]
+    rewards: torch.Tensor  # [N]: the verifier's score, the learned reward and the utilisation term
+    verified: torch.Tensor  # [N]: the verifier's score
     correct: torch.Tensor  # [N]
     old: torch.Tensor  # [N, C] log-probabilities under the sampling policy
     ref: torch.Tensor  # [N, C] log-probabilities under the reference (experts off)
     values: torch.Tensor | None = None  # [N, C] (ppo)
+    answer: tuple[torch.Tensor, torch.Tensor] | None = None  # [N, H] twice: what a reward model reads
+    predicted: torch.Tensor | None = None  # [N]: the reward model's prediction
 
 
 class KLController:
@@ -80,8 +85,24 @@ class GRPO(Trainer):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
             parameters.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
+        state = {"kl": self.kl}
+        self.reward_model = None
+        if self.params.reward_model is not None:
+            from srde_plugins.rl.reward_model import RewardModelTrainer
+
+            choice = self.params.reward_model
+            with torch.random.fork_rng(devices=[]):  # its initialisation leaves the run's random stream alone
+                torch.manual_seed(run.recipe.seed)
+                model = choice.build(hidden_size=self.experts.stack.hidden_size)
+            model = model.to(device=run.device, dtype=torch.float32)
+            self.reward_model = state["reward_model"] = RewardModelTrainer(model, choice.params, run.dist, self.params.group_size)
         target = TrainingTarget(run.model, list(parameters.values()), self.get_state, self.set_state)
-        return drive(run, phase, target, self.step, state={"kl": self.kl}, updates_per_step=self.params.epochs)
+        result = drive(run, phase, target, self.step, state=state, updates_per_step=self.params.epochs)
+        if self.reward_model is not None and run.dist.is_main:
+            path = run.run_dir / f"reward_model-{phase.name}.safetensors"
+            save_tensors(self.reward_model.model.state_dict(), path)
+            run.log(f"{phase.name}: reward model: {path}")
+        return result
 
     def get_state(self) -> dict[str, torch.Tensor]:
         state = dict(self.experts.adapter.state_dict())
@@ -108,11 +129,14 @@ class GRPO(Trainer):
             ctx.session.backward(loss)
             stats = ctx.session.step()
             clipped.append(clip_fraction)
+        learned = {}
+        if self.reward_model is not None:
+            learned = self.reward_model.fit(rollout.answer, rollout.verified, rollout.predicted)
         kl = float(((rollout.old - rollout.ref) * rollout.valid).sum() / rollout.valid.sum().clamp_min(1))
         metrics = {
             "loss": float(loss.detach()), "reward": float(rollout.rewards.mean()), "accuracy": float(rollout.correct.mean()),
             "kl": kl, "kl_coef": self.kl.coef, "clip_fraction": sum(clipped) / len(clipped), **stats,
-            "tokens": int(rollout.mask.sum()),
+            "tokens": int(rollout.mask.sum()), **learned,
         }
         self.kl.update(kl)
         return metrics
@@ -145,17 +169,23 @@ class GRPO(Trainer):
             correct.append(1.0 if score > 0 else 0.0)
         batch = self.pack(prompts, answers, tok.pad_id, run.device)
         with evaluation_state(model, self.experts, enabled=True), self.experts.forward_context(ForwardContext()) as seen:
-            old, hidden = self.logprobs(ctx, batch, grad=False)
+            old, hidden, states = self.logprobs(ctx, batch, grad=False)
         with evaluation_state(model, self.experts, enabled=False):
-            ref, _ = self.logprobs(ctx, batch, grad=False)
-        rewards_t = torch.tensor(rewards, device=run.device)
+            ref, _, _ = self.logprobs(ctx, batch, grad=False)
+        verified = torch.tensor(rewards, device=run.device)
+        rewards_t = verified.clone()
+        answer = predicted = None
+        if self.reward_model is not None:
+            answer = self.answer_summary(states, batch)
+            predicted = self.reward_model.predict(answer)
+            rewards_t = rewards_t + self.reward_model.params.weight * predicted
         if p.utilization_weight and seen.routings:
             loads = torch.stack([r.load() for r in seen.routings.values()])  # [layers, E]
             imbalance = float((loads.shape[1] * loads.pow(2).sum(1) - 1).mean())
             rewards_t = rewards_t - p.utilization_weight * imbalance
         values = self.value_head(hidden).squeeze(-1) * batch["valid"] if self.value_head is not None else None
         return Rollout(batch["ids"], batch["mask"], batch["positions"], batch["targets"], batch["valid"], rewards_t,
-                       torch.tensor(correct, device=run.device), old, ref, values)
+                       verified, torch.tensor(correct, device=run.device), old, ref, values, answer, predicted)
 
     @staticmethod
     def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -178,16 +208,29 @@ class GRPO(Trainer):
             valid[i, :k] = True
         return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, positions=positions, targets=targets, valid=valid).items()}
 
-    def logprobs(self, ctx: StepContext, batch: dict[str, torch.Tensor], *, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities ``[N, C]`` of the answer tokens, and the hidden states ``[N, C, H]``
-        that predict them; through the engine's forward when ``grad``."""
+    def logprobs(self, ctx: StepContext, batch: dict[str, torch.Tensor], *,
+                 grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities ``[N, C]`` of the answer tokens, the hidden states ``[N, C, H]`` that
+        predict them, and all final hidden states ``[N, L, H]``; through the engine's forward when
+        ``grad``."""
         with ctx.session.autocast(), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             hidden = ctx.session.forward(input_ids=batch["ids"], attention_mask=batch["mask"])
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         picked = hidden[rows, batch["positions"]]  # [N, C, H]
         logits = self.lm_head(picked).float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None]).squeeze(-1)
-        return logprobs * batch["valid"], picked.float()
+        return logprobs * batch["valid"], picked.float(), hidden
+
+    def answer_summary(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a reward model reads of each answer: the mean over its tokens (EOS excluded: every
+        finished answer shares it) of the policy's final hidden states and of their input
+        embeddings, ``[N, H]`` each (zeros for an empty answer)."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        at = batch["positions"] + 1  # each answer token's own position
+        valid = (batch["valid"] & (batch["targets"] != self.run_ctx.tokenizer.eos_id))[..., None].float()
+        count = valid.sum(1).clamp_min(1)
+        embedded = self.run_ctx.model.get_input_embeddings()(batch["ids"][rows, at]).float()
+        return (hidden[rows, at].float() * valid).sum(1) / count, (embedded * valid).sum(1) / count
 
     # -- the objective --------------------------------------------------------------------------
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -207,7 +250,7 @@ class GRPO(Trainer):
     def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float]:
         batch = {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
                  "valid": rollout.valid}
-        new, _ = self.logprobs(ctx, batch, grad=True)
+        new, _, _ = self.logprobs(ctx, batch, grad=True)
         policy, clipped = self.policy_terms(new, rollout, advantages)
         delta = rollout.ref - new
         kl = torch.exp(delta) - delta - 1  # k3: an unbiased, non-negative KL(new || ref) estimate
@@ -246,7 +289,7 @@ class PPO(GRPO):
     def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float]:
         batch = {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
                  "valid": rollout.valid}
-        new, hidden = self.logprobs(ctx, batch, grad=True)
+        new, hidden, _ = self.logprobs(ctx, batch, grad=True)
         policy, clipped = self.policy_terms(new, rollout, advantages)
         values = self.value_head(hidden).squeeze(-1)
         tokens = rollout.valid.sum().clamp_min(1)

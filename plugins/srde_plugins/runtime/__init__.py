@@ -1,8 +1,11 @@
-"""Engines: `torch` (one process, the default) and `ddp` (DistributedDataParallel under torchrun).
+"""Engines: `torch` (one process, the default), `ddp` (DistributedDataParallel under torchrun) and
+`deepspeed` (ZeRO stage 2 or 3, the optional extra ``srde[deepspeed]``).
 
-``ddp`` runs several processes under torchrun: gloo on CPU, nccl on GPUs.
+``ddp`` and ``deepspeed`` run several processes under torchrun (or the deepspeed launcher): gloo on
+CPU, nccl on GPUs.
 
     torchrun --nproc_per_node 2 $(which srde) run recipe.toml --set engine=ddp
+    deepspeed --num_gpus 8 $(which srde) run recipe.toml     # engine = { name = "deepspeed", zero_stage = 3 }
 
 Each process trains on its share of every global batch (``batch_size`` per process); gradients
 are averaged over processes before the optimiser step, so N processes at batch b train like one
@@ -10,6 +13,8 @@ process at batch N*b. Only the main process writes the run directory.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -24,9 +29,18 @@ class DDPParams(Params):
     bucket_cap_mb: int = Field(25, ge=1, description="gradient all-reduce bucket size (MiB)")
 
 
+class DeepSpeedParams(Params):
+    zero_stage: Literal[2, 3] = Field(2, description="ZeRO stage: 2 partitions gradients and optimiser state, 3 the parameters too")
+    offload_optimizer: bool = Field(False, description="keep the optimiser state on the CPU (DeepSpeed's CPU Adam, a compiled op)")
+    offload_params: bool = Field(False, description="keep the partitioned parameters on the CPU (zero_stage = 3 only)")
+    config: str | None = Field(None, description="a DeepSpeed JSON config merged over the generated one (relative to the recipe)")
+
+
 @hookimpl
 def srde_register(registry):
     registry.add("engine", "torch", "srde_core.train.engine:TorchEngine", NoParams,
                  "One process, plain PyTorch: AdamW, LR schedule, autocast.")
     registry.add("engine", "ddp", "srde_plugins.runtime.ddp:DDPEngine", DDPParams,
                  "Data parallel over the processes of torchrun (DistributedDataParallel; gloo on CPU).")
+    registry.add("engine", "deepspeed", "srde_plugins.runtime.deepspeed:make_engine", DeepSpeedParams,
+                 "DeepSpeed ZeRO stage 2 or 3 over the processes of torchrun or the deepspeed launcher.")

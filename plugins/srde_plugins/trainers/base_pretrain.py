@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from srde_core.errors import RecipeError, SRDEError
-from srde_core.run import resumed_on_the_same_data
+from srde_core.run import resumed_on_the_same_data, seed_everything
 from srde_core.train.checkpoints import save_tensors
 from srde_core.train.driver import TrainingTarget, drive
 from srde_core.train.objective import Objective, supervised_step
@@ -28,7 +28,7 @@ def base_key(run, phase) -> str:
         "data": run.data.fingerprint,
         "data_settings": recipe["data"],  # loss_on, seq_len, ... change what the base learns
         "phase": recipe["phases"][phase.index],
-        "seed": run.recipe.seed,
+        "seed": run.recipe.base_model_seed,
     }
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -40,6 +40,13 @@ class BasePretrain(Trainer):
         self.params = params
 
     def run(self, run, phase):
+        result = self._train_or_load(run, phase)
+        if run.recipe.base_seed not in (None, run.recipe.seed):
+            # the phases after the base draw from the run's own seed, whether the base was cached or trained
+            seed_everything(run.recipe.seed)
+        return result
+
+    def _train_or_load(self, run, phase):
         if run.experts is not None:
             raise RecipeError(
                 "base_pretrain must come before the phases that train experts",
@@ -63,24 +70,26 @@ class BasePretrain(Trainer):
             set_state=lambda state: model.load_state_dict(state),
         )
         objective = Objective(run, phase, model)
-        result = drive(run, phase, target, supervised_step(objective), state=objective.schedules)
-        broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if broken:  # never cache (or keep) a broken base
-            raise SRDEError(f"phase '{phase.name}': the trained base holds non-finite weights ({broken[0]}"
-                            f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); not saved",
-                            source=str(run.run_dir))
-        # Without the cache the weights stay with the run, so `srde eval` can rebuild the model. A
-        # resumed run whose data the run directory does not vouch for keeps them too: the cache key
-        # names the current data, and the checkpoints may hold training on other data.
-        shared = self.params.cache and (not run.resume or resumed_on_the_same_data(run))
-        final = cached if shared else run.run_dir / "base" / "model.safetensors"
-        if run.dist.is_main:
-            tmp = final.parent.with_name(f".tmp-{final.parent.name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_tensors(model.state_dict(), tmp / "model.safetensors")
-            shutil.rmtree(final.parent, ignore_errors=True)
-            os.replace(tmp, final.parent)
+        result = drive(run, phase, target, supervised_step(objective), state=objective.schedules,
+                       seed=run.recipe.base_model_seed)
+        with run.engine.full_state(model) as state:  # gathered where an engine partitions the weights
+            broken = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if broken:  # never cache (or keep) a broken base
+                raise SRDEError(f"phase '{phase.name}': the trained base holds non-finite weights ({broken[0]}"
+                                f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); not saved",
+                                source=str(run.run_dir))
+            # Without the cache the weights stay with the run, so `srde eval` can rebuild the model. A
+            # resumed run whose data the run directory does not vouch for keeps them too: the cache key
+            # names the current data, and the checkpoints may hold training on other data.
+            shared = self.params.cache and (not run.resume or resumed_on_the_same_data(run))
+            final = cached if shared else run.run_dir / "base" / "model.safetensors"
+            if run.dist.is_main:
+                tmp = final.parent.with_name(f".tmp-{final.parent.name}-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                save_tensors(state, tmp / "model.safetensors")
+                shutil.rmtree(final.parent, ignore_errors=True)
+                os.replace(tmp, final.parent)
         run.dist.barrier()
         run.base.weights = str(final.resolve())
         run.log(f"{phase.name}: base saved to {final.parent}")

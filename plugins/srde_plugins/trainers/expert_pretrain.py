@@ -3,6 +3,8 @@
 Every example routes to its domain's expert (domain ``d`` -> expert ``d mod E`` of each layer),
 forced through the forward context, so each expert learns its own domain; all experts train in the
 same batched forward and backward. The routers do not train here (their choice is overridden).
+With ``sampler = "domain_balanced"`` every batch holds the same number of examples of each domain,
+drawn from the cached per-domain shards, so every expert gets equal examples per update.
 Afterwards the routers are warm-started from the domain centroids of each layer's input, so a
 following ``joint`` phase starts with experts and routers that already agree.
 """

@@ -17,6 +17,7 @@ class LoRADeltaBank(DeltaBank):
     ``lora_A`` ``[E r, in]`` (expert ``e`` owns rows ``e r .. e r + r``) and ``lora_B`` ``[out, E r]``."""
 
     trainable_names = ("lora_A", "lora_B")
+    compile_traceable = True  # dense products and a scatter of the gate weights: fixed shapes
 
     def __init__(self, out_features: int, in_features: int, num_experts: int, params: LoRADeltaParams, generator: torch.Generator):
         super().__init__()

@@ -13,17 +13,21 @@ and ``importance``; the positions are a buffer saved with the adapter.
 
 The positions come from a selector, nested in the delta's table:
 ``delta = { name = "sparse", density = 0.01, selector = { name = "magnitude" } }``. This package
-also registers the position selectors ``magnitude`` (largest |W|) and ``random``.
+also registers the position selectors ``magnitude`` (largest |W|) and ``random``, and the learned
+ones ``gumbel_topk`` (a straight-through Gumbel top-k mask over candidates, then hardened) and
+``spiel`` (drop-and-grow toward large gradients); after every optimiser step its ``srde_after_step``
+hook gives each trained bank's selector its ``after_step``.
 
 Layout of the family: this module registers (no torch); :mod:`.bank` holds the bank,
-:mod:`.kernels` the per-expert CSR kernels and :mod:`.selectors` the selectors.
+:mod:`.kernels` the per-expert CSR kernels, :mod:`.block` the bank and kernel of block positions
+(``block = [16, 16]``), :mod:`.selectors` the fixed selectors and :mod:`.learned` the learned ones.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from srde_core.hookspecs import hookimpl
 from srde_core.params import NoParams, Params, component
@@ -50,6 +54,15 @@ class SparseDeltaParams(Params):
         ),
     )
     selector: ComponentChoice = component("selector", "magnitude", "which positions each expert owns")
+    block: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 1],
+        min_length=2,
+        max_length=2,
+        description=(
+            "[rows, cols] of the dense blocks an expert owns ([1, 1]: single entries); the selector "
+            "ranks the grid of block norms, density still counts entries. Fixed positions only"
+        ),
+    )
 
 
 class MagnitudeSelectorParams(Params):
@@ -66,6 +79,54 @@ class MagnitudeSelectorParams(Params):
     )
 
 
+def _phase_point(value: int | float) -> int | float:
+    """A point of a phase: an int is a step (>= 1), a float a fraction of the phase in (0, 1]."""
+    if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+        raise ValueError("a step must be an integer >= 1")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError("a fraction of the phase must be in (0, 1]; write a step as an integer")
+    return value
+
+
+class GumbelTopKParams(Params):
+    """Arguments of the ``gumbel_topk`` selector."""
+
+    candidates: float = Field(
+        4.0, ge=1.0, description="candidate positions per bank, as a multiple of the final count (largest |W|)"
+    )
+    temperature: ComponentChoice = component(
+        "schedule", {"name": "exponential", "start": 1.0, "end": 0.1},
+        "temperature of the sigmoid relaxation in the backward pass, over the phase",
+    )
+    harden_at: int | float = Field(
+        0.5, description="when each expert keeps only its chosen positions: a fraction of the phase (float) or a step (int)"
+    )
+
+    _harden_at = field_validator("harden_at")(_phase_point)
+
+
+class SpielParams(Params):
+    """Arguments of the ``spiel`` selector."""
+
+    start: ComponentChoice = component("selector", "magnitude", "where the entries start")
+    every: int = Field(20, ge=1, description="optimiser steps between two drop-and-grow updates")
+    fraction: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each expert's entries moved per update")
+    until: int | float = Field(
+        0.75, description="last update: a fraction of the phase (float) or a step (int)"
+    )
+
+    _until = field_validator("until")(_phase_point)
+
+
+@hookimpl
+def srde_after_step(phase, run, step, metrics):
+    experts = getattr(run, "experts", None)
+    if experts is not None:
+        from srde_plugins.deltas.sparse.learned import step_selectors
+
+        step_selectors(experts.banks(), step, phase.steps, run.dist)
+
+
 @hookimpl
 def srde_register(registry):
     here = "srde_plugins.deltas.sparse"
@@ -80,4 +141,12 @@ def srde_register(registry):
     registry.add(
         "selector", "random", f"{here}.selectors:RandomSelector.from_params", NoParams,
         "Uniformly random positions per expert, drawn from the run's seeded generator.",
+    )
+    registry.add(
+        "selector", "gumbel_topk", f"{here}.learned:GumbelTopK.from_params", GumbelTopKParams,
+        "Learned: straight-through Gumbel top-k over top-|W| candidates, hardened to the final count.",
+    )
+    registry.add(
+        "selector", "spiel", f"{here}.learned:SpIEL.from_params", SpielParams,
+        "Learned: drop the entries that changed least, grow where the dense gradient is largest (SpIEL).",
     )

@@ -7,6 +7,7 @@ from torch import nn
 
 from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Selector
 from srde_plugins.deltas.sparse import SparseDeltaParams
+from srde_plugins.deltas.sparse.block import make_block_bank
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
 
 
@@ -21,8 +22,12 @@ class SparseDeltaBank(DeltaBank):
 
     Buffers: ``positions`` ``[E, P]`` (long, flat row-major indices, sorted per expert; saved with
     the adapter), ``active`` ``[E, P]`` (bool: the entries in use, see
-    :meth:`set_active_fraction`; saved) and the derived CSR index structures (not saved; rebuilt
-    from ``positions``). Parameters: ``values`` and ``importance``, ``[E, P]``, aligned with
+    :meth:`set_active_fraction`; saved) and the derived CSR index structures (int32 where they
+    fit; not saved; rebuilt from ``positions``). When every expert owns the same positions (the
+    ``magnitude`` selector's ``shared`` assignment) the positions and the CSR structures are
+    stored once, as one row (``positions`` is then an ``[E, P]`` view of it, and the adapter
+    saves ``[1, P]``; adapters saved with ``[E, P]`` load either way). Parameters: ``values``
+    and ``importance``, ``[E, P]``, aligned with
     ``positions``. The selector that chose the positions is kept as the submodule ``selector``
     when it owns state (a learned selector trains and saves with the bank).
     """
@@ -46,7 +51,7 @@ class SparseDeltaBank(DeltaBank):
         self.in_features = in_features
         self.init_importance = init_importance
         self.cache_inputs = cache_inputs
-        self.register_buffer("positions", positions)
+        self.register_buffer("positions", _stored_rows(positions))
         self.register_buffer("active", torch.ones(positions.shape, dtype=torch.bool, device=positions.device))
         self.values = nn.Parameter(torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
         self.importance = nn.Parameter(
@@ -59,6 +64,22 @@ class SparseDeltaBank(DeltaBank):
         )
         self._masked = False
         self._register_structure()
+        if self.selector is not None:
+            self.selector.bind(self)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[E, P]``: every expert's flat positions (a view of the one stored row when shared)."""
+        stored = self._buffers.get("positions")
+        if stored is None:
+            raise AttributeError("positions")
+        if stored.shape[0] == self.num_experts:
+            return stored
+        view = self.__dict__.get("_positions_view")
+        if view is None or view[0] is not stored:  # one view object per stored tensor: a stable identity
+            view = (stored, stored.expand(self.num_experts, -1))
+            self.__dict__["_positions_view"] = view
+        return view[1]
 
     @property
     def count(self) -> int:
@@ -66,8 +87,12 @@ class SparseDeltaBank(DeltaBank):
         return self.positions.shape[1]
 
     def effective_values(self) -> torch.Tensor:
-        """``values * sigmoid(importance)`` (0 where inactive), ``[E, P]``: every expert's non-zeros."""
+        """``values * sigmoid(importance)`` times the selector's entry scale, if any (0 where
+        inactive), ``[E, P]``: every expert's non-zeros."""
         values = self.values * torch.sigmoid(self.importance)
+        scale = self.selector.entry_scale(self) if self.selector is not None else None
+        if scale is not None:
+            values = values * scale
         return values * self.active if self._masked else values
 
     def entry_positions(self) -> torch.Tensor:
@@ -112,11 +137,7 @@ class SparseDeltaBank(DeltaBank):
     def structure(self) -> CSRStructure:
         """The CSR index structures of the current positions (on the bank's device)."""
         return CSRStructure(
-            crow=self.csr_crow,
-            col=self.csr_col,
-            crow_t=self.csr_crow_t,
-            col_t=self.csr_col_t,
-            transpose_order=self.csr_transpose_order,
+            **{name: getattr(self, f"csr_{name}").expand(self.num_experts, -1) for name in CSRStructure.INDEX_FIELDS},
             out_features=self.out_features,
             in_features=self.in_features,
         )
@@ -166,7 +187,7 @@ class SparseDeltaBank(DeltaBank):
         positions = _checked_positions(positions.to(self.positions.device), self.out_features * self.in_features)
         if positions.shape[0] != self.num_experts:
             raise ValueError(f"positions must have {self.num_experts} rows, got {tuple(positions.shape)}")
-        old = self.positions
+        old = self.positions.contiguous()
         # Both rows are sorted: searchsorted finds where each new position sat in the old row.
         slot = torch.searchsorted(old, positions).clamp_(max=old.shape[1] - 1)
         kept = torch.gather(old, 1, slot) == positions
@@ -187,7 +208,7 @@ class SparseDeltaBank(DeltaBank):
                 fresh = nn.Parameter(data, requires_grad=param.requires_grad)
                 setattr(self, name, fresh)
                 remaps.append(Remap(param, fresh, index))
-        self.positions = positions
+        self.positions = _stored_rows(positions)
         self.active = new_active
         self._masked = not bool(new_active.all())
         self._rebuild_structure()
@@ -203,30 +224,33 @@ class SparseDeltaBank(DeltaBank):
             new = nn.Parameter(torch.zeros(self.num_experts, count, dtype=old.dtype, device=device), requires_grad=old.requires_grad)
             setattr(self, name, new)
             remaps.append(Remap(old, new, index))
-        self.positions = torch.arange(count, device=device).repeat(self.num_experts, 1)  # overwritten by the load
+        self.positions = torch.arange(count, device=device)[None]  # overwritten by the load
         self.active = torch.ones(self.num_experts, count, dtype=torch.bool, device=device)
         self.notify_remap(remaps)
 
     def _register_structure(self) -> None:
         s = build_csr_structure(self.positions, self.out_features, self.in_features)
-        # Derived from positions: not saved (persistent=False) and rebuilt whenever they change.
-        self.register_buffer("csr_crow", s.crow, persistent=False)
-        self.register_buffer("csr_col", s.col, persistent=False)
-        self.register_buffer("csr_crow_t", s.crow_t, persistent=False)
-        self.register_buffer("csr_col_t", s.col_t, persistent=False)
-        self.register_buffer("csr_transpose_order", s.transpose_order, persistent=False)
+        # Derived from positions: not saved (persistent=False) and rebuilt whenever they change;
+        # a structure shared by all experts is stored as its one row.
+        for name in CSRStructure.INDEX_FIELDS:
+            self.register_buffer(f"csr_{name}", _stored_rows(getattr(s, name)), persistent=False)
 
     def _rebuild_structure(self) -> None:
         s = build_csr_structure(self.positions, self.out_features, self.in_features)
-        self.csr_crow, self.csr_col = s.crow, s.col
-        self.csr_crow_t, self.csr_col_t = s.crow_t, s.col_t
-        self.csr_transpose_order = s.transpose_order
+        for name in CSRStructure.INDEX_FIELDS:
+            setattr(self, f"csr_{name}", _stored_rows(getattr(s, name)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "positions")
-        if saved is not None and saved.dim() == 2 and saved.shape != self.positions.shape and saved.shape[0] == self.num_experts:
-            # a pruned (or grown) bank: take the saved size first; optimiser state follows via remap
-            self._resize(saved.shape[1])
+        if saved is not None and saved.dim() == 2 and saved.shape[0] in (1, self.num_experts):
+            if saved.shape[1] != self.count:
+                # a pruned (or grown) bank: take the saved size first; optimiser state follows via remap
+                self._resize(saved.shape[1])
+            # [E, P] (older adapters, or experts with their own positions) or [1, P] (shared):
+            # stored once when the rows agree; the buffer takes the saved form before the copy.
+            saved = _stored_rows(saved.expand(self.num_experts, -1))
+            state_dict[prefix + "positions"] = saved
+            self.positions = torch.empty(saved.shape, dtype=torch.long, device=self._buffers["positions"].device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # Loading an adapter copies saved positions into the buffer: re-derive the CSR structure.
         self._masked = not bool(self.active.all())
@@ -239,17 +263,47 @@ class SparseDeltaBank(DeltaBank):
         )
 
 
+def _stored_rows(index: torch.Tensor) -> torch.Tensor:
+    """``index`` ``[E, ...]`` as it is stored: its first row ``[1, ...]`` when every row is the
+    same (experts that share positions), else itself."""
+    if index.shape[0] > 1 and (index.stride(0) == 0 or (not index.is_meta and bool((index == index[:1]).all()))):
+        return index[:1].clone()
+    return index
+
+
 def _checked_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
     if positions.dim() != 2 or positions.shape[0] < 1 or positions.shape[1] < 1:
         raise ValueError(f"positions must be a non-empty [experts, count] tensor, got {tuple(positions.shape)}")
     if positions.dtype.is_floating_point or positions.dtype == torch.bool:
         raise ValueError(f"positions must be integers, got {positions.dtype}")
     positions = positions.long()
+    if positions.is_meta:  # shapes only
+        return positions
     if positions.min() < 0 or positions.max() >= numel:
         raise ValueError(f"positions must lie in [0, {numel})")
     if positions.shape[1] > 1 and bool((positions[:, 1:] <= positions[:, :-1]).any()):
         raise ValueError("positions must be unique and sorted per expert")
     return positions.contiguous()
+
+
+def select_positions(selector: Selector, weight: torch.Tensor, num_experts: int, density: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """The ``[E, P]`` positions ``selector`` picks in ``weight`` at ``density`` (the count the selector
+    asks to start with, see ``Selector.plan_count``), on the weight's device. On the meta device (a
+    model built to be measured, not run) a placeholder of the right shape: one row expanded when
+    the experts share their positions."""
+    out_features, in_features = weight.shape
+    count = selector.plan_count(position_count(density, out_features, in_features), out_features * in_features)
+    if weight.is_meta:
+        shared = getattr(selector, "assignment", None) == "shared"
+        positions = torch.empty(1 if shared else num_experts, count, dtype=torch.long, device="meta")
+        return positions.expand(num_experts, count)
+    positions = selector.select(weight.detach(), num_experts, count, generator)
+    if tuple(positions.shape) != (num_experts, count):
+        raise ValueError(
+            f"selector {type(selector).__name__} returned shape {tuple(positions.shape)}, expected {(num_experts, count)}"
+        )
+    return positions.to(weight.device)
 
 
 class SparseDelta(DeltaType):
@@ -258,20 +312,15 @@ class SparseDelta(DeltaType):
     def __init__(self, params: SparseDeltaParams):
         self.params = params
 
-    def make_bank(self, weight: torch.Tensor, num_experts: int, generator: torch.Generator) -> SparseDeltaBank:
+    def make_bank(self, weight: torch.Tensor, num_experts: int, generator: torch.Generator) -> DeltaBank:
         selector = self.params.selector.build()
+        if tuple(self.params.block) != (1, 1):
+            return make_block_bank(self.params, selector, weight, num_experts, generator)
         out_features, in_features = weight.shape
-        count = position_count(self.params.density, out_features, in_features)
-        positions = selector.select(weight.detach(), num_experts, count, generator)
-        if tuple(positions.shape) != (num_experts, count):
-            raise ValueError(
-                f"selector {type(selector).__name__} returned shape {tuple(positions.shape)}, "
-                f"expected {(num_experts, count)}"
-            )
         return SparseDeltaBank(
             out_features,
             in_features,
-            positions.to(weight.device),
+            select_positions(selector, weight, num_experts, self.params.density, generator),
             init_importance=self.params.init_importance,
             cache_inputs=self.params.cache_inputs,
             selector=selector,

@@ -17,8 +17,11 @@ no ``[n, out]`` tensor per expert has to be kept for backward.
 
 Layout: the CSR kernels are fastest on feature-major dense operands (``[features, n]``, tokens
 contiguous): the sparse-dense product vectorises over tokens and the SDDMM takes dot products over
-tokens. Each expert's tokens are therefore gathered and transposed once; with ``cache_inputs`` the
-transposed input from forward is kept for the SDDMM in backward.
+tokens (MKL's product with a column-major operand is about 4x slower). Each expert's rows of the
+token-major input (and, in backward, of the output gradient) are gathered with one contiguous row
+gather and the small ``[n, features]`` block transposed; its product is transposed back and added
+into token-major rows. No whole ``[T, features]`` matrix is transposed or zero-filled twice. With
+``cache_inputs`` the transposed input from forward is kept for the SDDMM in backward.
 
 The CSR structures depend only on the positions, so they are built once
 (:func:`build_csr_structure`) and reused every step; only the values change. Everything here is
@@ -48,9 +51,13 @@ class CSRStructure:
     col: torch.Tensor  # [E, P]
     crow_t: torch.Tensor  # [E, in + 1]
     col_t: torch.Tensor  # [E, P]
-    transpose_order: torch.Tensor  # [E, P] long
+    transpose_order: torch.Tensor  # [E, P]
     out_features: int
     in_features: int
+
+    #: The index tensors, each ``[E, ...]``: int32 where the weight's size allows, else int64. When
+    #: every expert owns the same positions they are views of one row (stored once).
+    INDEX_FIELDS = ("crow", "col", "crow_t", "col_t", "transpose_order")
 
     @property
     def num_experts(self) -> int:
@@ -62,13 +69,32 @@ def build_csr_structure(positions: torch.Tensor, out_features: int, in_features:
     if positions.dim() != 2:
         raise ValueError(f"positions must be [experts, count], got shape {tuple(positions.shape)}")
     positions = positions.long()
+    num_experts = positions.shape[0]
+    # int32 indices: MKL's int32 kernels are measurably faster; int64 only if a count could overflow.
+    index_dtype = torch.int32 if out_features * in_features < 2**31 else torch.int64
+    if positions.is_meta:  # a model built to be measured: the structures' shapes, no content
+        rows = 1 if positions.stride(0) == 0 else num_experts  # positions shared by every expert
+
+        def empty(*shape, dtype=index_dtype):
+            return torch.empty(rows, *shape[1:], dtype=dtype, device="meta").expand(*shape)
+
+        return CSRStructure(
+            crow=empty(num_experts, out_features + 1), col=empty(*positions.shape),
+            crow_t=empty(num_experts, in_features + 1), col_t=empty(*positions.shape),
+            transpose_order=empty(*positions.shape),
+            out_features=out_features, in_features=in_features,
+        )
     if positions.numel() and (positions.min() < 0 or positions.max() >= out_features * in_features):
         raise ValueError(f"positions must lie in [0, {out_features * in_features})")
     if positions.shape[1] > 1 and bool((positions[:, 1:] <= positions[:, :-1]).any()):
         raise ValueError("positions must be unique and sorted per expert")
-    num_experts = positions.shape[0]
-    # int32 indices: MKL's int32 kernels are measurably faster; int64 only if a count could overflow.
-    index_dtype = torch.int32 if out_features * in_features < 2**31 else torch.int64
+    if num_experts > 1 and bool((positions == positions[:1]).all()):
+        # Experts that share their positions share one structure: [E, ...] views of one row.
+        one = build_csr_structure(positions[:1], out_features, in_features)
+        return CSRStructure(
+            **{name: getattr(one, name).expand(num_experts, -1) for name in CSRStructure.INDEX_FIELDS},
+            out_features=out_features, in_features=in_features,
+        )
     rows = torch.div(positions, in_features, rounding_mode="floor")
     cols = positions - rows * in_features
     crow = torch.zeros(num_experts, out_features + 1, dtype=torch.long, device=positions.device)
@@ -84,7 +110,7 @@ def build_csr_structure(positions: torch.Tensor, out_features: int, in_features:
         col=cols.to(index_dtype),
         crow_t=crow_t.to(index_dtype),
         col_t=col_t.to(index_dtype),
-        transpose_order=transpose_order,
+        transpose_order=transpose_order.to(index_dtype),
         out_features=out_features,
         in_features=in_features,
     )
@@ -120,6 +146,13 @@ def _spmm(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return result.addmm_(sparse, dense, beta=0.0)
 
 
+def gather_feature_major(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``rows[tokens]`` feature-major, ``[features, n]``: a contiguous row gather, then a transpose
+    of the small per-expert block (cheaper than transposing the whole ``[T, features]`` matrix and
+    gathering strided columns from it)."""
+    return rows.index_select(0, tokens).t().contiguous()
+
+
 class _RoutedSparseDelta(torch.autograd.Function):
     """All experts of one projection in one autograd node (see :func:`routed_sparse_delta`)."""
 
@@ -132,22 +165,20 @@ class _RoutedSparseDelta(torch.autograd.Function):
         w_all = weights.to(dtype)
         scale_input = s.in_features <= s.out_features  # the gate weight scales the smaller side
         cache = cache_inputs and any(ctx.needs_input_grad[:4])
-        # Feature-major whole-matrix layouts: one transpose of x and of the result instead of one
-        # per expert; per-expert gathers/scatters run along the token dimension (exact: same sums).
         # Projections with the same input and routing (gate_proj, up_proj) share the gathered
         # inputs through `shared`: gathered once, saved for backward once.
         key = ("sparse-delta-gathered", dtype)
         gathered = shared.get(key) if shared is not None else None
         if gathered is None:
-            x_fm = x.to(dtype).t().contiguous()  # [in, T]
+            xs = x.to(dtype)
             gathered = [
-                x_fm.index_select(1, tokens[offsets[e] : offsets[e + 1]]) if offsets[e + 1] > offsets[e] else None
+                gather_feature_major(xs, tokens[offsets[e] : offsets[e + 1]]) if offsets[e + 1] > offsets[e] else None
                 for e in range(s.num_experts)
             ]
             if shared is not None:
                 shared[key] = gathered
         reusable = shared is not None or cache  # gathered inputs must then stay unscaled
-        out_fm = torch.zeros(s.out_features, x.shape[0], dtype=dtype, device=x.device)
+        out = torch.zeros(x.shape[0], s.out_features, dtype=dtype, device=x.device)
         cached = []
         with _quiet_sparse():
             for e in range(s.num_experts):
@@ -163,10 +194,10 @@ class _RoutedSparseDelta(torch.autograd.Function):
                     y = _spmm(a_e, xt * w if reusable else xt.mul_(w))
                 else:
                     y = _spmm(a_e, xt).mul_(w)
-                out_fm.index_add_(1, tok, y)  # y: [out, n]
+                out.index_add_(0, tok, y.t().contiguous())  # y: [out, n]
         ctx.save_for_backward(x, values, tokens, weights, *cached)
         ctx.structure, ctx.offsets, ctx.cached = structure, offsets, cache
-        return out_fm.t().contiguous().to(x.dtype)
+        return out.to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -180,9 +211,8 @@ class _RoutedSparseDelta(torch.autograd.Function):
         a = values.to(dtype)
         w_all = weights.to(dtype)
         scale_input = s.in_features <= s.out_features
-        grad_x_fm = torch.zeros(x.shape[1], x.shape[0], dtype=dtype, device=x.device) if need_x else None
-        g_fm = grad_out.to(dtype).t().contiguous()  # [out, T]
-        x_fm = None
+        grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device) if need_x else None
+        g = grad_out.to(dtype)
         grad_values = torch.zeros_like(a) if need_values else None
         grad_weights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
         inputs = iter(cached)
@@ -194,10 +224,8 @@ class _RoutedSparseDelta(torch.autograd.Function):
                 tok, w = tokens[lo:hi], w_all[lo:hi]
                 xt = next(inputs) if ctx.cached else None  # [in, n], unscaled
                 if xt is None and (need_values or need_weights):
-                    if x_fm is None:
-                        x_fm = x.to(dtype).t().contiguous()
-                    xt = x_fm.index_select(1, tok)
-                gt = g_fm.index_select(1, tok)  # [out, n]
+                    xt = gather_feature_major(x.to(dtype), tok)
+                gt = gather_feature_major(g, tok)  # [out, n]
                 if need_values:
                     # dL/dA_e = sum_n w_n g_n x_n^T at the expert's positions, in CSR order
                     g_op, x_op = (gt, xt * w) if scale_input else (gt * w, xt)
@@ -209,9 +237,9 @@ class _RoutedSparseDelta(torch.autograd.Function):
                     if need_weights:
                         grad_weights[lo:hi] = torch.linalg.vecdot(xt, g_in, dim=0)
                     if need_x:
-                        grad_x_fm.index_add_(1, tok, g_in.mul_(w))
+                        grad_x.index_add_(0, tok, g_in.mul_(w).t().contiguous())
         return (
-            grad_x_fm.t().contiguous().to(x.dtype) if need_x else None,
+            grad_x.to(x.dtype) if need_x else None,
             grad_values.to(values.dtype) if need_values else None,
             None,
             grad_weights.to(weights.dtype) if need_weights else None,

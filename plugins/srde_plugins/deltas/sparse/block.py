@@ -1,0 +1,326 @@
+"""Block positions of the ``sparse`` delta: experts own dense ``bh x bw`` blocks of the weight.
+
+``delta = { name = "sparse", density = 0.02, block = [16, 16] }``. The ``(out, in)`` weight is cut
+into a grid of ``(out / bh) x (in / bw)`` blocks; the selector ranks the grid of block Frobenius
+norms ``||W_block||_F`` (:func:`block_norms`) exactly as it ranks ``|W|`` for single entries, so
+every selector picks blocks unchanged (``magnitude``: the blocks of largest norm; ``random``:
+uniform blocks). Expert ``e`` owns ``nb = round(density * out * in / (bh * bw))`` blocks
+``blocks[e]`` (flat grid indices, sorted), and learned ``values`` and ``importance`` of shape
+``[E, nb, bh, bw]``; its delta is
+
+    dW_e[block b] = values[e, b] * sigmoid(importance[e, b])        and 0 outside its blocks.
+
+Density counts entries, so equal density means equal trainable parameters.
+
+The kernel (:func:`routed_block_delta`) works on dense blocks, feature-major (tokens contiguous):
+per expert, its tokens' inputs are gathered once, the ``bw``-row slabs of its blocks' columns
+gathered from them, and one batched GEMM (``bmm`` over the blocks, tokens as the long dimension)
+gives every block's product; the ``bh``-row results are added into their block rows. Backward
+uses the same gathers and ``bmm`` s (one autograd node per projection, like the CSR kernel), so
+forward and all gradients are dense products without sparse tensors. Each expert's gathered
+input is always kept for backward (``cache_inputs`` does not apply: ``top_k`` copies of the
+projection's input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from srde_core.errors import SRDEError
+from srde_core.model.components import BankCall, DeltaBank, Selector
+from srde_plugins.deltas.sparse.kernels import gather_feature_major
+
+
+def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``(out / bh, in / bw)``: the Frobenius norm of each ``bh x bw`` block of ``weight``."""
+    bh, bw = block
+    out_features, in_features = weight.shape
+    grid = weight.detach().float().reshape(out_features // bh, bh, in_features // bw, bw)
+    return grid.pow(2).sum(dim=(1, 3)).sqrt()
+
+
+def check_block(block: tuple[int, int], out_features: int, in_features: int) -> None:
+    """One clear error (naming the recipe key) when the weight does not tile into blocks."""
+    bh, bw = block
+    if out_features % bh or in_features % bw:
+        raise SRDEError(
+            f"block {list(block)} does not tile a ({out_features}, {in_features}) weight: "
+            f"out must be a multiple of {bh} and in of {bw}",
+            key="srde.delta.block",
+        )
+
+
+def compact_rows(index: torch.Tensor) -> torch.Tensor:
+    """``index`` ``[E, n]`` as ``[1, n]`` when every row is the same (shared positions are stored
+    once), else unchanged."""
+    if index.shape[0] > 1 and not index.is_meta and bool((index == index[:1]).all()):
+        return index[:1].clone()
+    return index
+
+
+def routed_block_delta(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_rows: torch.Tensor,
+    block_cols: torch.Tensor,
+    out_features: int,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: list[int],
+    *,
+    shared: dict | None = None,
+) -> torch.Tensor:
+    """``[T, in] -> [T, out]``: ``y[t] = sum_k w_tk dW_{e_tk} @ x[t]`` for block deltas.
+
+    :param values: the effective blocks ``[E, nb, bh, bw]`` (differentiable).
+    :param block_rows: block-row index of each block, ``[E, nb]`` or ``[1, nb]`` (shared by all
+        experts); ``block_cols`` the same for block columns.
+    :param tokens: token indices grouped by expert; ``weights`` their gate weights (differentiable);
+        ``tokens[offsets[e]:offsets[e + 1]]`` are expert ``e``'s.
+    :param shared: a dict shared by projections with this same input and routing: they gather
+        each expert's tokens once.
+
+    Per expert with ``n`` tokens, feature-major (tokens contiguous, so every product has the
+    tokens as its long dimension): ``X_b = x[tokens]^T[block b's columns]`` (``[nb, bw, n]``),
+    ``Y_b = V_b @ X_b`` (``[nb, bh, n]``, one ``bmm``) scaled by the gate weights, and ``Y_b`` is
+    added into block row ``r_b`` of the expert's output. Products run in float32 (float64 for
+    float64 operands); the result has ``x``'s dtype.
+    """
+    return _RoutedBlockDelta.apply(x, values, tokens, weights, block_rows, block_cols, out_features, offsets, shared)
+
+
+class _RoutedBlockDelta(torch.autograd.Function):
+    """All experts of one projection in one autograd node (see :func:`routed_block_delta`).
+
+    Backward, per expert, with ``G_b`` the output gradient's rows of block row ``r_b``
+    (``[nb, bh, n]``): ``dV_b = (G_b * w) X_b^T``, ``dX_b = V_b^T G_b`` added into block column
+    ``c_b`` of the input gradient (then times ``w``), and ``dw_n = <x_n, sum_b dX_b[:, n]>``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, tokens, weights, block_rows, block_cols, out_features, offsets, shared):
+        num_experts, _, bh, bw = values.shape
+        in_features = x.shape[1]
+        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        a = values.to(dtype)
+        w_all = weights.to(dtype)
+        key = ("block-delta-gathered", dtype)
+        gathered = shared.get(key) if shared is not None else None
+        if gathered is None:
+            xs = x.to(dtype)
+            gathered = [
+                gather_feature_major(xs, tokens[offsets[e] : offsets[e + 1]]) if offsets[e + 1] > offsets[e] else None
+                for e in range(num_experts)
+            ]
+            if shared is not None:
+                shared[key] = gathered
+        out = torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
+        for e in range(num_experts):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi == lo:
+                continue
+            n = hi - lo
+            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
+            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            xg = gathered[e].view(in_features // bw, bw, n).index_select(0, cols)  # [nb, bw, n]
+            yb = torch.bmm(a[e], xg).mul_(w_all[lo:hi])  # [nb, bh, n]
+            ye = yb.new_zeros(out_features // bh, bh, n).index_add_(0, rows, yb)
+            out.index_add_(0, tokens[lo:hi], ye.view(out_features, n).t().contiguous())
+        kept = [t for t in gathered if t is not None]
+        ctx.save_for_backward(x, values, tokens, weights, block_rows, block_cols, *kept)
+        ctx.offsets, ctx.out_features = offsets, out_features
+        return out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, values, tokens, weights, block_rows, block_cols, *kept = ctx.saved_tensors
+        offsets, out_features = ctx.offsets, ctx.out_features
+        need_x, need_values, _, need_weights = ctx.needs_input_grad[:4]
+        num_experts, _, bh, bw = values.shape
+        in_features = x.shape[1]
+        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        a = values.to(dtype)
+        w_all = weights.to(dtype)
+        g = grad_out.to(dtype)
+        grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device) if need_x else None
+        grad_values = torch.zeros_like(a) if need_values else None
+        grad_weights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
+        inputs = iter(kept)
+        for e in range(num_experts):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi == lo:
+                continue
+            n = hi - lo
+            tok, w = tokens[lo:hi], w_all[lo:hi]
+            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
+            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            xt = next(inputs)  # [in, n]
+            gb = gather_feature_major(g, tok).view(out_features // bh, bh, n).index_select(0, rows)  # [nb, bh, n]
+            if need_values:
+                xg = xt.view(in_features // bw, bw, n).index_select(0, cols)
+                grad_values[e] = torch.bmm(gb * w, xg.transpose(1, 2))
+            if need_x or need_weights:
+                g_in = torch.bmm(a[e].transpose(1, 2), gb)  # [nb, bw, n]
+                g_in = g_in.new_zeros(in_features // bw, bw, n).index_add_(0, cols, g_in).view(in_features, n)
+                if need_weights:
+                    grad_weights[lo:hi] = torch.linalg.vecdot(xt, g_in, dim=0)
+                if need_x:
+                    grad_x.index_add_(0, tok, g_in.mul_(w).t().contiguous())
+        return (
+            grad_x.to(x.dtype) if need_x else None,
+            grad_values.to(values.dtype) if need_values else None,
+            None,
+            grad_weights.to(weights.dtype) if need_weights else None,
+            None, None, None, None, None,
+        )
+
+
+class BlockSparseDeltaBank(DeltaBank):
+    """``E`` block-sparse deltas of one ``(out, in)`` weight (see the module docstring).
+
+    Buffers: ``blocks`` (flat indices into the block grid, sorted per expert; ``[1, nb]`` when
+    every expert has the same blocks, else ``[E, nb]``; saved with the adapter) and the derived
+    block rows and columns (not saved). Parameters: ``values`` and ``importance``
+    ``[E, nb, bh, bw]``. The positions are fixed: :meth:`set_positions`, :meth:`set_active_fraction`
+    and :meth:`prune` are not supported for blocks.
+    """
+
+    #: ``blocks`` is saved as ``[1, nb]`` (shared) or ``[E, nb]``: either loads into either.
+    resizable_state = ("blocks",)
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        blocks: torch.Tensor,
+        block: tuple[int, int],
+        *,
+        num_experts: int,
+        init_importance: float = 0.0,
+    ):
+        super().__init__()
+        bh, bw = block
+        check_block(block, out_features, in_features)
+        self.num_experts = num_experts
+        self.out_features = out_features
+        self.in_features = in_features
+        self.block = (bh, bw)
+        grid = (out_features // bh) * (in_features // bw)
+        if blocks.dim() != 2 or blocks.shape[0] not in (1, num_experts) or blocks.shape[1] < 1:
+            raise ValueError(f"blocks must be [{num_experts} or 1, count], got {tuple(blocks.shape)}")
+        blocks = blocks.long()
+        if not blocks.is_meta:
+            if blocks.min() < 0 or blocks.max() >= grid:
+                raise ValueError(f"blocks must lie in [0, {grid})")
+            if blocks.shape[1] > 1 and bool((blocks[:, 1:] <= blocks[:, :-1]).any()):
+                raise ValueError("blocks must be unique and sorted per expert")
+        self.register_buffer("blocks", compact_rows(blocks).contiguous())
+        shape = (num_experts, blocks.shape[1], bh, bw)
+        self.values = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=blocks.device))
+        self.importance = nn.Parameter(torch.full(shape, float(init_importance), dtype=torch.float32, device=blocks.device))
+        self.trainable_names = ("values", "importance")
+        self._register_grid()
+
+    @property
+    def count(self) -> int:
+        """Blocks per expert (``nb``)."""
+        return self.blocks.shape[1]
+
+    def _register_grid(self) -> None:
+        grid_cols = self.in_features // self.block[1]
+        self.register_buffer("block_rows", torch.div(self.blocks, grid_cols, rounding_mode="floor"), persistent=False)
+        self.register_buffer("block_cols", self.blocks % grid_cols, persistent=False)
+
+    def effective_values(self) -> torch.Tensor:
+        """``values * sigmoid(importance)``, ``[E, nb, bh, bw]``."""
+        return self.values * torch.sigmoid(self.importance)
+
+    def entry_positions(self) -> torch.Tensor:
+        """Flat row-major positions ``[E, nb * bh * bw]`` of every entry, in the order of
+        ``values.view(E, -1)`` (block by block, row-major inside a block)."""
+        bh, bw = self.block
+        device = self.blocks.device
+        rows = self.block_rows[..., None, None] * bh + torch.arange(bh, device=device).view(bh, 1)
+        cols = self.block_cols[..., None, None] * bw + torch.arange(bw, device=device).view(1, bw)
+        flat = (rows * self.in_features + cols).reshape(self.blocks.shape[0], -1)
+        return flat.expand(self.num_experts, -1)
+
+    def gram(self) -> torch.Tensor:
+        """``<dW_a, dW_b>`` over the experts' entries (one product when they share the blocks)."""
+        values = self.effective_values().reshape(self.num_experts, -1)
+        if self.blocks.shape[0] == 1:
+            return values @ values.T
+        union, inverse = torch.unique(self.entry_positions(), return_inverse=True)
+        dense = values.new_zeros(self.num_experts, union.numel()).scatter(1, inverse, values)
+        return dense @ dense.T
+
+    def forward(self, x: torch.Tensor, call: BankCall) -> torch.Tensor:
+        groups = call.routing.groups()
+        return routed_block_delta(
+            x, self.effective_values(), self.block_rows, self.block_cols, self.out_features,
+            groups.tokens, groups.weights, groups.offsets, shared=call.cache,
+        )
+
+    def delta_weight(self, expert: int) -> torch.Tensor:
+        bh, bw = self.block
+        grid_rows, grid_cols = self.out_features // bh, self.in_features // bw
+        blocks = self.blocks[expert if self.blocks.shape[0] > 1 else 0]
+        values = self.effective_values()[expert]
+        dense = values.new_zeros(grid_rows * grid_cols, bh, bw).index_copy(0, blocks, values)
+        return dense.view(grid_rows, grid_cols, bh, bw).transpose(1, 2).reshape(self.out_features, self.in_features)
+
+    def set_positions(self, positions: torch.Tensor):
+        raise NotImplementedError("sparse delta with block positions: the blocks are fixed (set_positions is not supported)")
+
+    def set_active_fraction(self, fraction: float) -> None:
+        raise NotImplementedError("sparse delta with block positions: set_active_fraction is not supported")
+
+    def prune(self):
+        raise NotImplementedError("sparse delta with block positions: prune is not supported")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "blocks")
+        if saved is not None and saved.shape != self.blocks.shape:
+            # experts with the same blocks are stored once: take the saved form (shared or not)
+            self.blocks = torch.empty_like(saved, device=self.blocks.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._register_grid()
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, out={self.out_features}, in={self.in_features}, "
+            f"block={list(self.block)}, blocks={self.count}"
+        )
+
+
+def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_experts: int, generator) -> BlockSparseDeltaBank:
+    """The block bank of ``weight``: ``selector`` picks blocks on the grid of block norms."""
+    from srde_plugins.deltas.sparse.bank import position_count
+
+    block = tuple(params.block)
+    out_features, in_features = weight.shape
+    check_block(block, out_features, in_features)
+    learned = ("plan_count", "entry_scale", "after_step")
+    if any(getattr(type(selector), name) is not getattr(Selector, name) for name in learned):
+        raise SRDEError(
+            f"selector {type(selector).__name__} learns positions during training, which block "
+            "positions do not support; use a fixed selector ('magnitude' or 'random')",
+            key="srde.delta.selector",
+        )
+    grid_shape = (out_features // block[0], in_features // block[1])
+    count = position_count(params.density, *grid_shape)
+    if weight.is_meta:
+        blocks = torch.empty(num_experts, count, dtype=torch.long, device="meta")
+    else:
+        blocks = selector.select(block_norms(weight, block), num_experts, count, generator)
+    if tuple(blocks.shape) != (num_experts, count):
+        raise ValueError(
+            f"selector {type(selector).__name__} returned shape {tuple(blocks.shape)}, expected {(num_experts, count)}"
+        )
+    return BlockSparseDeltaBank(
+        out_features, in_features, blocks.to(weight.device), block,
+        num_experts=num_experts, init_importance=params.init_importance,
+    )

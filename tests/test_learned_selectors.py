@@ -1,0 +1,395 @@
+"""Learned selectors of the ``sparse`` delta (`srde_plugins.deltas.sparse.learned`): ``gumbel_topk``
+(straight-through Gumbel top-k over candidates, then hardened) and ``spiel`` (drop-and-grow).
+
+Exact against the dense reference with the entry scale included, in every state (training mask,
+eval mask, hardened, after a move); moves keep positions sorted and unique and move optimiser
+state with the entries; adapters carry the learned positions and selector state; drop-and-grow
+moves toward the large gradients of a constructed case; a resumed run ends bit-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import load_file
+
+from srde_testkit import make_router
+from test_exactness import GatedMLP, assert_matches
+from test_exactness_contracts import session_for
+
+from srde_core.dist import SINGLE
+from srde_core.errors import SRDEError
+from srde_core.model.components import BankCall
+from srde_core.model.context import ForwardContext
+from srde_core.model.layer import PROJECTIONS, SRDEMLP
+from srde_core.model.routing import Routing
+from srde_core.plugins import load_plugins
+from srde_core.recipe import load_recipe, resolve_component
+from srde_core.run import open_finished_run
+from srde_plugins.deltas.sparse.bank import position_count
+from srde_plugins.deltas.sparse.learned import GumbelTopK, SpIEL
+
+PLUGINS = load_plugins()
+HIDDEN, INTERMEDIATE, EXPERTS = 12, 20, 3
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def sparse_delta(selector: dict, density: float = 0.1):
+    return resolve_component(PLUGINS, "delta", {"name": "sparse", "density": density, "selector": selector}).build()
+
+
+def make_bank(selector: dict, out: int = INTERMEDIATE, inp: int = HIDDEN, *, density: float = 0.1, seed: int = 0):
+    weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+    bank = sparse_delta(selector, density).make_bank(weight, EXPERTS, torch.Generator().manual_seed(seed))
+    bank.values.requires_grad_(True)
+    return bank
+
+
+def build_layer(selector: dict, *, seed: int = 0, top_k: int = 2) -> SRDEMLP:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    base = GatedMLP(HIDDEN, INTERMEDIATE).requires_grad_(False)
+    delta = sparse_delta(selector)
+    banks = {name: delta.make_bank(getattr(base, name).weight.detach(), EXPERTS, generator) for name in PROJECTIONS}
+    for bank in banks.values():
+        for name, p in bank.named_parameters():
+            p.requires_grad_(name in bank.trainable_names)
+    return SRDEMLP(base, make_router(HIDDEN, EXPERTS, top_k, seed), banks)
+
+
+def randomise(bank, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in bank.trainable_names:
+            bank.get_parameter(name).normal_(0.0, 0.5, generator=generator)
+
+
+def routing_of(tokens: int, top_k: int, seed: int, dtype=torch.float64) -> Routing:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, EXPERTS, generator=generator, dtype=dtype)
+    experts = torch.topk(logits, top_k, dim=1).indices
+    weights = torch.rand(tokens, top_k, generator=generator, dtype=dtype).requires_grad_(True)
+    return Routing(experts, weights, logits.softmax(-1), logits, EXPERTS)
+
+
+def reference(bank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``y_t = sum_k w_tk dW_{e_tk} x_t`` with every expert's dense ``dW`` from ``delta_weight``."""
+    deltas = torch.stack([bank.delta_weight(e) for e in range(bank.num_experts)])  # [E, out, in]
+    per_slot = torch.einsum("tkoi,ti->tko", deltas[routing.experts], x)
+    return (routing.weights[..., None] * per_slot).sum(1)
+
+
+def assert_bank_exact(bank, *, tol: float = 1e-9, seed: int = 3) -> None:
+    """Bank forward/backward == the dense reference in float64: output, input, gate weights and
+    every trainable tensor (selector logits included)."""
+    bank = bank.double()
+    routing = routing_of(17, 2, seed)
+    x = torch.randn(17, bank.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    grad = torch.randn(17, bank.out_features, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    tensors = [x, routing.weights] + [bank.get_parameter(n) for n in bank.trainable_names]
+    results = []
+    for forward in (lambda: bank(x, BankCall(routing, ForwardContext())), lambda: reference(bank, x, routing)):
+        y = forward()
+        grads = torch.autograd.grad((y * grad).sum(), tensors, allow_unused=True)
+        results.append((y.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]))
+    (y_fast, g_fast), (y_ref, g_ref) = results
+    torch.testing.assert_close(y_fast, y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
+    names = ["x", "weights", *bank.trainable_names]
+    for name, a, b in zip(names, g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(b.abs().max().item(), 1e-30), msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_sorted_unique(positions: torch.Tensor, numel: int) -> None:
+    assert positions.dtype == torch.long and positions.min() >= 0 and positions.max() < numel
+    assert bool((positions[:, 1:] > positions[:, :-1]).all())
+
+
+GUMBEL = {"name": "gumbel_topk", "candidates": 3, "harden_at": 4}
+SPIEL = {"name": "spiel", "every": 1, "fraction": 0.25}
+
+
+def spiel_move(bank) -> None:
+    """One drop-and-grow update of a spiel bank driven by a random batch."""
+    routing = routing_of(11, 2, 5, dtype=bank.values.dtype)
+    x = torch.randn(11, bank.in_features, generator=torch.Generator().manual_seed(6), dtype=bank.values.dtype)
+    bank(x, BankCall(routing, ForwardContext())).sum().backward()
+    before = bank.entry_positions().clone()
+    bank.selector.after_step(bank, 1, 10, SINGLE)
+    assert not torch.equal(bank.entry_positions(), before)
+
+
+@pytest.mark.parametrize("state", ["gumbel-train", "gumbel-eval", "gumbel-hardened", "spiel-moved"])
+def test_banks_with_learned_selectors_match_the_dense_reference(state):
+    bank = make_bank(SPIEL if state.startswith("spiel") else GUMBEL)
+    randomise(bank, 1)
+    if state == "gumbel-eval":
+        bank.eval()
+    if state == "gumbel-hardened":
+        bank.selector.after_step(bank, 4, 8, SINGLE)
+        assert bank.count == bank.selector.count and bank.selector.entry_scale(bank) is None
+    if state == "spiel-moved":
+        spiel_move(bank)
+        randomise(bank, 2)
+    assert_bank_exact(bank)
+
+
+@pytest.mark.parametrize("selector", [GUMBEL, SPIEL], ids=["gumbel_topk", "spiel"])
+def test_layers_with_learned_selectors_match_the_dense_reference_float32(selector):
+    mlp = build_layer(selector)
+    for bank in mlp.banks.values():
+        randomise(bank, 4)
+    x = torch.randn(3, 7, HIDDEN, generator=torch.Generator().manual_seed(2))
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+    mlp.eval()
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+
+
+def test_gumbel_mask_is_hard_top_k_forward_and_a_sigmoid_relaxation_backward():
+    bank = make_bank({"name": "gumbel_topk", "candidates": 4, "temperature": {"name": "linear", "start": 2.0, "end": 0.5}})
+    selector: GumbelTopK = bank.selector
+    count = position_count(0.1, INTERMEDIATE, HIDDEN)
+    assert selector.count == count and bank.count == 4 * count
+    assert bank.entry_positions().unique(dim=0).shape[0] == 1  # candidates: the top |W|, shared
+    randomise(bank, 1)
+    selector.after_step(bank, 3, 10, SINGLE)  # the next step is step 3 (0-based) of 0..9
+    tau = 2.0 - 1.5 * 3 / 9
+    scale = selector.entry_scale(bank)
+    perturbed = selector.logits.detach() + selector.gumbel(3)
+    top = torch.topk(perturbed, count, dim=1).indices
+    assert torch.equal(scale.detach(), torch.zeros_like(scale).scatter_(1, top, 1.0))  # exactly hard
+    weights = torch.randn(scale.shape, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((scale * weights).sum(), selector.logits)
+    ranked = torch.sort(perturbed, dim=1, descending=True).values
+    soft = torch.sigmoid((perturbed - (ranked[:, count - 1 : count] + ranked[:, count : count + 1]) / 2) / tau)
+    torch.testing.assert_close(grad, weights * soft * (1 - soft) / tau, rtol=1e-5, atol=1e-7)
+    # the noise is a function of the step: the same within a step, new at the next one
+    assert torch.equal(selector.entry_scale(bank).detach(), scale.detach())
+    selector.after_step(bank, 4, 10, SINGLE)
+    assert not torch.equal(selector.entry_scale(bank).detach(), scale.detach())
+    bank.eval()  # no noise: the top-count logits
+    eval_top = torch.topk(selector.logits.detach(), count, dim=1).indices
+    assert torch.equal(selector.entry_scale(bank), torch.zeros_like(scale).scatter_(1, eval_top, 1.0))
+
+
+def test_gumbel_hardens_to_the_chosen_positions_and_the_optimiser_state_follows():
+    mlp = build_layer({"name": "gumbel_topk", "harden_at": 0.5})
+    session = session_for(mlp)
+    mlp.banks["up_proj"].add_remap_listener(session.remap)
+    generator = torch.Generator().manual_seed(3)
+    bank = mlp.banks["up_proj"]
+    for step in range(1, 4):  # harden_at 0.5 of 8 steps: after step 4
+        session.backward(F.mse_loss(mlp(torch.randn(20, HIDDEN, generator=generator)), torch.randn(20, HIDDEN, generator=generator)))
+        session.step()
+        bank.selector.after_step(bank, step, 8, SINGLE)
+    assert bank.count == 4 * bank.selector.count  # not yet: all candidates
+    x = torch.randn(9, HIDDEN, generator=generator)
+    mlp.eval()
+    before_output = mlp(x).detach()
+    candidates = bank.entry_positions().clone()
+    chosen = torch.topk(bank.selector.logits.detach(), bank.selector.count, dim=1).indices
+    old_values = bank.values
+    old_state = {k: v.clone() for k, v in session.optimizer.state[old_values].items()}
+    bank.selector.after_step(bank, 4, 8, SINGLE)
+    positions = bank.entry_positions()
+    assert positions.shape == (EXPERTS, bank.selector.count)
+    assert_sorted_unique(positions, INTERMEDIATE * HIDDEN)
+    assert not torch.equal(positions[0], positions[1])  # each expert its own choice
+    slots = torch.sort(chosen, dim=1).values  # candidates are sorted: chosen slots map in order
+    assert torch.equal(positions, torch.gather(candidates, 1, slots))
+    new_state = session.optimizer.state[bank.values]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(new_state[key], torch.gather(old_state[key], 1, slots))
+    torch.testing.assert_close(mlp(x).detach(), before_output, rtol=1e-6, atol=1e-7)  # eval: the same entries
+    mlp.train()
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+
+
+def test_spiel_grows_where_the_gradient_is_large_and_drops_what_changed_least():
+    out, inp = 6, 8
+    bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25}, out, inp, density=1 / 6)
+    positions = bank.entry_positions().clone()  # 8 per expert: the top |W|, shared
+    assert positions.shape == (EXPERTS, 8)
+    free = sorted(set(range(out * inp)) - set(positions[0].tolist()))
+    targets = [free[3:5], free[10:12], free[20:22]]  # where each expert's gradient is made large
+    stale = [[0, 5], [2, 7], [1, 3]]  # the slots whose values hardly changed
+    with torch.no_grad():
+        bank.values.copy_(1.0 + torch.rand(bank.values.shape, generator=torch.Generator().manual_seed(1)))
+        for e, slots in enumerate(stale):
+            bank.values[e, slots] = torch.tensor([1e-3, -2e-3])
+    # Expert e sees small random tokens plus, per target (i, j), a token x = e_j with dL/dy = 10 e_i.
+    generator = torch.Generator().manual_seed(2)
+    xs, gs, experts = [], [], []
+    for e, cells in enumerate(targets):
+        for p in cells:
+            i, j = divmod(p, inp)
+            xs.append(F.one_hot(torch.tensor(j), inp).float())
+            gs.append(10.0 * F.one_hot(torch.tensor(i), out).float())
+            experts.append(e)
+        for _ in range(4):
+            xs.append(0.1 * torch.randn(inp, generator=generator))
+            gs.append(0.1 * torch.randn(out, generator=generator))
+            experts.append(e)
+    experts = torch.tensor(experts)[:, None]
+    routing = Routing(experts, torch.ones(len(xs), 1), torch.ones(len(xs), EXPERTS) / EXPERTS, torch.zeros(len(xs), EXPERTS), EXPERTS)
+    bank(torch.stack(xs), BankCall(routing, ForwardContext())).backward(torch.stack(gs))
+    bank.selector.after_step(bank, 1, 10, SINGLE)
+    moved = bank.entry_positions()
+    assert_sorted_unique(moved, out * inp)
+    for e in range(EXPERTS):
+        kept = [p for slot, p in enumerate(positions[e].tolist()) if slot not in stale[e]]
+        assert moved[e].tolist() == sorted(kept + targets[e])
+    # kept entries keep their values, grown ones start at 0; the next update measures change from here
+    assert torch.equal(bank.selector.last_values, bank.effective_values().detach())
+    for e in range(EXPERTS):
+        grown = torch.isin(moved[e], torch.tensor(targets[e]))
+        assert bool((bank.values[e, grown] == 0).all()) and bool((bank.values[e, ~grown].abs() >= 1).all())
+    assert bank.selector._gradient is None  # the dense gradient lives for the update step only
+
+
+def test_spiel_moves_only_on_its_steps_and_keeps_the_optimiser_state_of_kept_entries():
+    mlp = build_layer({"name": "spiel", "every": 2, "fraction": 0.2, "until": 4})
+    session = session_for(mlp)
+    bank = mlp.banks["down_proj"]
+    bank.add_remap_listener(session.remap)
+    generator = torch.Generator().manual_seed(3)
+    history = []
+    for step in range(1, 7):
+        session.backward(F.mse_loss(mlp(torch.randn(20, HIDDEN, generator=generator)), torch.randn(20, HIDDEN, generator=generator)))
+        session.step()
+        old_positions, old_state = bank.entry_positions().clone(), {k: v.clone() for k, v in session.optimizer.state[bank.values].items()}
+        for per_bank in mlp.banks.values():
+            per_bank.selector.after_step(per_bank, step, 6, SINGLE)
+        positions = bank.entry_positions()
+        history.append(not torch.equal(positions, old_positions))
+        assert_sorted_unique(positions, bank.out_features * bank.in_features)
+        state = session.optimizer.state[bank.values]
+        for e in range(EXPERTS):
+            slot = {int(p): j for j, p in enumerate(old_positions[e])}
+            for j, p in enumerate(positions[e].tolist()):
+                want = old_state["exp_avg"][e, slot[p]] if p in slot else torch.zeros(())
+                assert torch.equal(state["exp_avg"][e, j], want)
+    assert history == [False, True, False, True, False, False]  # every 2 steps, until step 4
+    x = torch.randn(9, HIDDEN, generator=generator)
+    assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("selector", [GUMBEL, SPIEL], ids=["gumbel_topk", "spiel"])
+def test_a_bank_state_loads_into_a_fresh_bank_with_the_learned_positions(selector):
+    bank = make_bank(selector)
+    randomise(bank, 1)
+    if selector["name"] == "gumbel_topk":
+        bank.selector.after_step(bank, 4, 8, SINGLE)  # hardened: fewer entries than a fresh bank
+    else:
+        spiel_move(bank)
+    state = {k: v.detach().clone() for k, v in bank.state_dict().items()}
+    assert any(k.startswith("selector.") for k in state)
+    fresh = make_bank(selector)
+    assert not torch.equal(fresh.entry_positions(), bank.entry_positions()) or fresh.count != bank.count
+    fresh.load_state_dict(state)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    routing = routing_of(9, 2, 7, dtype=torch.float32)
+    x = torch.randn(9, HIDDEN, generator=torch.Generator().manual_seed(8))
+    for b in (bank, fresh):
+        b.eval()
+    assert torch.equal(fresh(x, BankCall(routing, ForwardContext())), bank(x, BankCall(routing, ForwardContext())))
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ['{ name = "gumbel_topk", harden_at = 5 }', '{ name = "spiel", every = 2, fraction = 0.25, until = 1.0 }'],
+    ids=["gumbel_topk", "spiel"],
+)
+def test_a_run_with_a_learned_selector_moves_entries_and_resumes_exactly(tmp_path, plugins, micro_recipe, selector):
+    from conftest import run_recipe_in
+
+    overrides = [
+        f"srde.delta={{ name = \"sparse\", density = 0.05, selector = {selector} }}",
+        "phases.experts.steps=8", "phases.experts.checkpoint_every=3", "phases.experts.keep_checkpoints=3",
+    ]
+    run_recipe_in(tmp_path, micro_recipe, plugins, overrides)
+    run_dir = tmp_path / "runs" / "micro"
+    full = load_file(run_dir / "adapter.safetensors")
+    positions = {k: v for k, v in full.items() if k.endswith(".positions")}
+    count = position_count(0.05, 128, 64)
+    assert positions and all(v.shape == (4, count) for v in positions.values())  # the recipe's density at the end
+    if "gumbel" in selector:
+        assert any(k.endswith("selector.logits") for k in full)
+    else:  # entries moved away from the shared top-|W| start
+        assert all(not torch.equal(v[0], v[1]) for v in positions.values())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    # Kill after the checkpoint at step 3 (before the moves of steps 4-8) and resume.
+    for step in (6, 8):
+        shutil.rmtree(run_dir / "checkpoints" / f"experts-step{step:07d}")
+    (run_dir / "adapter.safetensors").unlink()
+    run_recipe_in(tmp_path, micro_recipe, plugins, overrides, resume=True)
+    resumed = load_file(run_dir / "adapter.safetensors")
+    assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss"] == metrics[-1]["loss"] and last["step"] == 8
+
+    # The adapter loads into a freshly built model (a hardened bank shrinks to its saved size).
+    reopened = open_finished_run(run_dir, Console(file=io.StringIO()))
+    state = reopened.experts.adapter_state()
+    assert state.keys() == full.keys() and all(torch.equal(state[k], full[k]) for k in full)
+
+
+@pytest.mark.parametrize("name", ["gumbel_topk", "spiel"])
+def test_the_ablation_recipes_change_only_the_selector(plugins, name):
+    tiny = load_recipe(RECIPES / "tiny.toml", plugins)
+    ablation = load_recipe(RECIPES / "ablations" / f"{name}.toml", plugins)
+    assert ablation.name == f"ablation-{name}"
+    assert ablation.srde.delta.params.selector.name == name
+    assert ablation.srde.delta.params.density == tiny.srde.delta.params.density
+    strip = lambda r: {k: v for k, v in r.resolved.items() if k not in ("name", "description", "srde")}  # noqa: E731
+    assert strip(ablation) == strip(tiny)
+    delta = lambda r: {k: v for k, v in r.resolved["srde"]["delta"].items() if k != "selector"}  # noqa: E731
+    assert delta(ablation) == delta(tiny)
+    assert {k: v for k, v in ablation.resolved["srde"].items() if k != "delta"} == {
+        k: v for k, v in tiny.resolved["srde"].items() if k != "delta"
+    }
+
+
+def test_spiel_and_gumbel_arguments_are_checked(plugins):
+    for spec in ({"name": "gumbel_topk", "harden_at": 1.5}, {"name": "gumbel_topk", "harden_at": 0},
+                 {"name": "spiel", "until": 0.0}, {"name": "gumbel_topk", "candidates": 0.5}):
+        with pytest.raises(SRDEError):
+            resolve_component(plugins, "selector", spec)
+    assert isinstance(resolve_component(plugins, "selector", {"name": "spiel", "start": "random"}).build(), SpIEL)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_spiel_measures_the_same_gradient_under_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    measured = []
+    for checkpointed in (False, True):
+        mlp = build_layer({"name": "spiel", "every": 1})
+        x = torch.randn(15, HIDDEN, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        y = checkpoint(mlp, x, use_reentrant=reentrant) if checkpointed else mlp(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+        measured.append({name: bank.selector._gradient for name, bank in mlp.banks.items()})
+    for name, gradient in measured[0].items():
+        assert gradient is not None and gradient.abs().sum() > 0
+        torch.testing.assert_close(measured[1][name], gradient, rtol=1e-6, atol=1e-7)
+
+
+def test_spiel_measures_the_gradient_of_each_experts_dense_delta():
+    """``G_e = sum_t w_t g_t x_t^T``: the gradient of the loss with respect to a dense ``dW_e``."""
+    bank = make_bank({"name": "spiel", "every": 1}).double()
+    routing = routing_of(13, 2, 9)
+    x = torch.randn(13, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    grad = torch.randn(13, INTERMEDIATE, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    bank(x, BankCall(routing, ForwardContext())).backward(grad)
+    dense = torch.zeros(EXPERTS, INTERMEDIATE, HIDDEN, dtype=torch.float64, requires_grad=True)
+    y = (routing.weights[..., None].detach() * torch.einsum("tkoi,ti->tko", dense[routing.experts], x)).sum(1)
+    (expected,) = torch.autograd.grad((y * grad).sum(), dense)
+    torch.testing.assert_close(bank.selector._gradient, expected, rtol=1e-12, atol=1e-12)
