@@ -164,7 +164,7 @@ def table(results: list[dict]) -> str:
     reference = by_recipe.get(REFERENCE, {})
     domains = next((list(r["loss"]) for rows in by_recipe.values() for r in rows.values() if r.get("loss")), [])
     domains = [d for d in domains if d != "all"]
-    ref_step = _step_time(timing.get(REFERENCE) or reference)
+    ref_step = _step_time(timing.get(REFERENCE) or ({} if timing else reference))
     head = (["recipe", "seeds", "trainable", "eval loss", "Δ loss vs sparse", "accuracy %", "purity", "NMI", "step time"]
             + [f"loss {d}" for d in domains])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -173,7 +173,9 @@ def table(results: list[dict]) -> str:
         quality = [r for r in rows.values() if r.get("loss")]
         paired = [r["loss"]["all"] - reference[s]["loss"]["all"] for s, r in rows.items()
                   if r.get("loss") and reference.get(s, {}).get("loss")]
-        step = _step_time(timing.get(name) or rows)
+        # a tagged variant (another learning rate) computes what its recipe does: its recipe's timing
+        timed = timing.get(name) or timing.get(name.split("@")[0])
+        step = _step_time(timed) if timed or not timing else None
         cells = [
             name + (" (baseline)" if name.split("@")[0] == BASELINE else ""),
             ",".join(str(s) for s in sorted(rows)) or "—",
