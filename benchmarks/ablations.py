@@ -17,7 +17,9 @@ seeds; ``Δ loss`` is paired: variant minus ``sparse`` at the same seed, then av
 
 Speed (``--timing``): each recipe's expert phases run for ``--timing-steps`` steps, one recipe after
 the other in one invocation at ``--threads`` threads; the median wall time of a step after the first
-``--timing-warmup`` is compared with the ``sparse`` recipe's. Run it on an idle machine.
+5 is compared with the ``sparse`` recipe's. Run it on an idle machine. Every row
+also records the median of its last 10 steps (``step_s_end``), for recipes whose cost changes during a
+phase (adaptive sparsity after pruning, a learned mask after hardening).
 
 Results go to ``WORKDIR/ablations.json`` (merged across invocations) and the table to stdout and
 ``WORKDIR/ablations.md``.
@@ -90,7 +92,8 @@ def run_one(recipe_path: str, seed: int, overrides: list[str], evaluate_run: boo
     run = execute(recipe, plugins, console, fresh=True)
     row = {"recipe": stem, "seed": seed, "overrides": overrides, "wall_s": time.perf_counter() - started,
            "threads": _threads(), "phase_s": timer.phase_time,
-           "step_s": {name: statistics.median(times[min(len(times) - 1, 5):]) for name, times in timer.steps.items()}}
+           "step_s": {name: statistics.median(times[min(len(times) - 1, 5):]) for name, times in timer.steps.items()},
+           "step_s_end": {name: statistics.median(times[-10:]) for name, times in timer.steps.items()}}
     row["trainable"] = _trainable(run, timer)
     if evaluate_run:
         row.update(_quality(run))
