@@ -12,14 +12,13 @@ uniform blocks). Expert ``e`` owns ``nb = round(density * out * in / (bh * bw))`
 
 Density counts entries, so equal density means equal trainable parameters.
 
-The kernel (:func:`routed_block_delta`) works on dense blocks, feature-major (tokens contiguous):
-per expert, its tokens' inputs are gathered once, the ``bw``-row slabs of its blocks' columns
-gathered from them, and one batched GEMM (``bmm`` over the blocks, tokens as the long dimension)
-gives every block's product; the ``bh``-row results are added into their block rows. Backward
+The kernel (:func:`routed_block_delta`) works on dense blocks, token-major: per expert, one gather
+takes the ``bw``-wide slabs of its tokens' inputs at its blocks' columns, one batched GEMM (``bmm``
+over the blocks, tokens as the long dimension) gives every block's product, and one ``index_add``
+puts the ``bh``-wide results into their tokens' block rows; only the blocks' slabs move. Backward
 uses the same gathers and ``bmm`` s (one autograd node per projection, like the CSR kernel), so
-forward and all gradients are dense products without sparse tensors. Each expert's gathered
-input is always kept for backward (``cache_inputs`` does not apply: ``top_k`` copies of the
-projection's input).
+forward and all gradients are dense products without sparse tensors. Each expert's gathered slabs
+(``nb * bw`` values per token) are kept for backward (``cache_inputs`` does not apply).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from torch.autograd.function import once_differentiable
 
 from srde_core.errors import SRDEError
 from srde_core.model.components import BankCall, DeltaBank, Selector
-from srde_plugins.deltas.sparse.kernels import gather_feature_major
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -69,8 +67,6 @@ def routed_block_delta(
     tokens: torch.Tensor,
     weights: torch.Tensor,
     offsets: list[int],
-    *,
-    shared: dict | None = None,
 ) -> torch.Tensor:
     """``[T, in] -> [T, out]``: ``y[t] = sum_k w_tk dW_{e_tk} @ x[t]`` for block deltas.
 
@@ -79,59 +75,54 @@ def routed_block_delta(
         experts); ``block_cols`` the same for block columns.
     :param tokens: token indices grouped by expert; ``weights`` their gate weights (differentiable);
         ``tokens[offsets[e]:offsets[e + 1]]`` are expert ``e``'s.
-    :param shared: a dict shared by projections with this same input and routing: they gather
-        each expert's tokens once.
 
-    Per expert with ``n`` tokens, feature-major (tokens contiguous, so every product has the
-    tokens as its long dimension): ``X_b = x[tokens]^T[block b's columns]`` (``[nb, bw, n]``),
-    ``Y_b = V_b @ X_b`` (``[nb, bh, n]``, one ``bmm``) scaled by the gate weights, and ``Y_b`` is
-    added into block row ``r_b`` of the expert's output. Products run in float32 (float64 for
-    float64 operands); the result has ``x``'s dtype.
+    Per expert with ``n`` tokens, with ``x`` seen as ``[T, in / bw, bw]`` slabs and the output as
+    ``[T, out / bh, bh]``: one gather takes the ``(token, block column)`` slabs ``X`` (``[nb, n, bw]``),
+    one ``bmm`` over the blocks gives ``Y_b = X_b V_b^T`` (``[nb, n, bh]``, tokens as the long
+    dimension), and one ``index_add`` adds ``w_n Y_b[n]`` into slab ``(token n, block row r_b)``:
+    only the blocks' slabs move, never a whole row of the input or output. Products run in float32
+    (float64 for float64 operands); the result has ``x``'s dtype.
     """
-    return _RoutedBlockDelta.apply(x, values, tokens, weights, block_rows, block_cols, out_features, offsets, shared)
+    return _RoutedBlockDelta.apply(x, values, tokens, weights, block_rows, block_cols, out_features, offsets)
+
+
+def _slab_index(tok: torch.Tensor, blocks: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Flat slab indices ``[nb * n]`` (block-major) of ``(token, block)`` in a ``[T * per_row, b]`` view."""
+    return (blocks[:, None] + tok[None, :] * per_row).reshape(-1)
 
 
 class _RoutedBlockDelta(torch.autograd.Function):
     """All experts of one projection in one autograd node (see :func:`routed_block_delta`).
 
-    Backward, per expert, with ``G_b`` the output gradient's rows of block row ``r_b``
-    (``[nb, bh, n]``): ``dV_b = (G_b * w) X_b^T``, ``dX_b = V_b^T G_b`` added into block column
-    ``c_b`` of the input gradient (then times ``w``), and ``dw_n = <x_n, sum_b dX_b[:, n]>``.
+    Backward, per expert, with ``G`` the output gradient's ``(token, block row)`` slabs
+    (``[nb, n, bh]``): ``dV_b = (w G_b)^T X_b``, ``dX_b = G_b V_b`` added (times ``w``) into the
+    input gradient's ``(token, block column)`` slabs, and ``dw_n = sum_b <X_b[n], dX_b[n]>``.
     """
 
     @staticmethod
-    def forward(ctx, x, values, tokens, weights, block_rows, block_cols, out_features, offsets, shared):
-        num_experts, _, bh, bw = values.shape
+    def forward(ctx, x, values, tokens, weights, block_rows, block_cols, out_features, offsets):
+        num_experts, nb, bh, bw = values.shape
         in_features = x.shape[1]
         dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
         a = values.to(dtype)
         w_all = weights.to(dtype)
-        key = ("block-delta-gathered", dtype)
-        gathered = shared.get(key) if shared is not None else None
-        if gathered is None:
-            xs = x.to(dtype)
-            gathered = [
-                gather_feature_major(xs, tokens[offsets[e] : offsets[e + 1]]) if offsets[e + 1] > offsets[e] else None
-                for e in range(num_experts)
-            ]
-            if shared is not None:
-                shared[key] = gathered
-        out = torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
+        slabs_in = x.to(dtype).reshape(-1, bw)  # [T * in / bw, bw]
+        out = torch.zeros(x.shape[0] * (out_features // bh), bh, dtype=dtype, device=x.device)
+        kept = []
         for e in range(num_experts):
             lo, hi = offsets[e], offsets[e + 1]
             if hi == lo:
                 continue
-            n = hi - lo
+            tok = tokens[lo:hi]
             rows = block_rows[e if block_rows.shape[0] > 1 else 0]
             cols = block_cols[e if block_cols.shape[0] > 1 else 0]
-            xg = gathered[e].view(in_features // bw, bw, n).index_select(0, cols)  # [nb, bw, n]
-            yb = torch.bmm(a[e], xg).mul_(w_all[lo:hi])  # [nb, bh, n]
-            ye = yb.new_zeros(out_features // bh, bh, n).index_add_(0, rows, yb)
-            out.index_add_(0, tokens[lo:hi], ye.view(out_features, n).t().contiguous())
-        kept = [t for t in gathered if t is not None]
+            xg = slabs_in.index_select(0, _slab_index(tok, cols, in_features // bw)).view(nb, hi - lo, bw)
+            yb = torch.bmm(xg, a[e].transpose(1, 2)).mul_(w_all[lo:hi, None])  # [nb, n, bh]
+            out.index_add_(0, _slab_index(tok, rows, out_features // bh), yb.view(-1, bh))
+            kept.append(xg)
         ctx.save_for_backward(x, values, tokens, weights, block_rows, block_cols, *kept)
         ctx.offsets, ctx.out_features = offsets, out_features
-        return out.to(x.dtype)
+        return out.view(x.shape[0], out_features).to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -139,13 +130,13 @@ class _RoutedBlockDelta(torch.autograd.Function):
         x, values, tokens, weights, block_rows, block_cols, *kept = ctx.saved_tensors
         offsets, out_features = ctx.offsets, ctx.out_features
         need_x, need_values, _, need_weights = ctx.needs_input_grad[:4]
-        num_experts, _, bh, bw = values.shape
+        num_experts, nb, bh, bw = values.shape
         in_features = x.shape[1]
         dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
         a = values.to(dtype)
         w_all = weights.to(dtype)
-        g = grad_out.to(dtype)
-        grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device) if need_x else None
+        slabs_out = grad_out.to(dtype).reshape(-1, bh)  # [T * out / bh, bh]
+        grad_x = torch.zeros(x.shape[0] * (in_features // bw), bw, dtype=dtype, device=x.device) if need_x else None
         grad_values = torch.zeros_like(a) if need_values else None
         grad_weights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
         inputs = iter(kept)
@@ -153,28 +144,25 @@ class _RoutedBlockDelta(torch.autograd.Function):
             lo, hi = offsets[e], offsets[e + 1]
             if hi == lo:
                 continue
-            n = hi - lo
-            tok, w = tokens[lo:hi], w_all[lo:hi]
+            n, tok, w = hi - lo, tokens[lo:hi], w_all[lo:hi, None]
             rows = block_rows[e if block_rows.shape[0] > 1 else 0]
             cols = block_cols[e if block_cols.shape[0] > 1 else 0]
-            xt = next(inputs)  # [in, n]
-            gb = gather_feature_major(g, tok).view(out_features // bh, bh, n).index_select(0, rows)  # [nb, bh, n]
+            xg = next(inputs)  # [nb, n, bw]
+            gb = slabs_out.index_select(0, _slab_index(tok, rows, out_features // bh)).view(nb, n, bh)
             if need_values:
-                xg = xt.view(in_features // bw, bw, n).index_select(0, cols)
-                grad_values[e] = torch.bmm(gb * w, xg.transpose(1, 2))
+                grad_values[e] = torch.bmm((gb * w).transpose(1, 2), xg)  # [nb, bh, bw]
             if need_x or need_weights:
-                g_in = torch.bmm(a[e].transpose(1, 2), gb)  # [nb, bw, n]
-                g_in = g_in.new_zeros(in_features // bw, bw, n).index_add_(0, cols, g_in).view(in_features, n)
+                g_in = torch.bmm(gb, a[e])  # [nb, n, bw]: V_b^T applied to each token's slab
                 if need_weights:
-                    grad_weights[lo:hi] = torch.linalg.vecdot(xt, g_in, dim=0)
+                    grad_weights[lo:hi] = (g_in * xg).sum(dim=(0, 2))
                 if need_x:
-                    grad_x.index_add_(0, tok, g_in.mul_(w).t().contiguous())
+                    grad_x.index_add_(0, _slab_index(tok, cols, in_features // bw), g_in.mul_(w).view(-1, bw))
         return (
-            grad_x.to(x.dtype) if need_x else None,
+            grad_x.view(x.shape).to(x.dtype) if need_x else None,
             grad_values.to(values.dtype) if need_values else None,
             None,
             grad_weights.to(weights.dtype) if need_weights else None,
-            None, None, None, None, None,
+            None, None, None, None,
         )
 
 
@@ -261,7 +249,7 @@ class BlockSparseDeltaBank(DeltaBank):
         groups = call.routing.groups()
         return routed_block_delta(
             x, self.effective_values(), self.block_rows, self.block_cols, self.out_features,
-            groups.tokens, groups.weights, groups.offsets, shared=call.cache,
+            groups.tokens, groups.weights, groups.offsets,
         )
 
     def delta_weight(self, expert: int) -> torch.Tensor:
