@@ -178,7 +178,7 @@ def table(results: list[dict]) -> str:
                   if r.get("loss") and reference.get(s, {}).get("loss")]
         # a tagged variant (another learning rate) computes what its recipe does: its recipe's timing
         timed = timing.get(name) or timing.get(name.split("@")[0])
-        step = _step_time(timed) if timed or not timing else None
+        step = _step_time(timed or rows) if timed or not timing else None
         cells = [
             name + (" (baseline)" if name.split("@")[0] == BASELINE else ""),
             ",".join(str(s) for s in sorted(rows)) or "—",

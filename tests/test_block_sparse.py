@@ -88,9 +88,14 @@ def test_block_subset_of_projections():
     assert_matches(mlp, torch.randn(11, 16, generator=torch.Generator().manual_seed(6)), rtol=1e-5, atol=1e-5)
 
 
-def test_block_kernel_is_exact_in_float64_with_float64_gates():
-    """With the gate weights in float64 too, the block kernel agrees with dense products to 1e-12."""
+@pytest.mark.parametrize("min_block", [0, 10**9], ids=["by-slabs", "by-rows"])
+def test_block_kernel_is_exact_in_float64_with_float64_gates(min_block, monkeypatch):
+    """With the gate weights in float64 too, both block kernels (slabs, rows) agree with dense
+    products to 1e-12."""
+    from srde_plugins.deltas.sparse import block
     from srde_plugins.deltas.sparse.block import routed_block_delta
+
+    monkeypatch.setattr(block, "TOKEN_MAJOR_MIN_BLOCK", min_block)
 
     generator = torch.Generator().manual_seed(4)
     experts, (bh, bw), out_features, in_features = 3, (2, 4), 6, 8

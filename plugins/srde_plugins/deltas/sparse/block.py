@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from srde_core.errors import SRDEError
 from srde_core.model.components import BankCall, DeltaBank, Selector
+from srde_plugins.deltas.sparse.kernels import gather_feature_major
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -58,6 +59,13 @@ def compact_rows(index: torch.Tensor) -> torch.Tensor:
     return index
 
 
+#: Blocks of at least this many entries move as ``(token, block)`` slabs; smaller ones through whole
+#: gathered rows (:class:`_RoutedBlockDeltaRows`), where one index operation per tiny slab would cost
+#: more than moving the rows (``benchmarks/layer_speed.py``: 4x4 blocks 1.2-1.4x LoRA by rows,
+#: 2.1-3.4x by slabs; 16x16 blocks about 1.0x by slabs).
+TOKEN_MAJOR_MIN_BLOCK = 64
+
+
 def routed_block_delta(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -80,10 +88,14 @@ def routed_block_delta(
     ``[T, out / bh, bh]``: one gather takes the ``(token, block column)`` slabs ``X`` (``[nb, n, bw]``),
     one ``bmm`` over the blocks gives ``Y_b = X_b V_b^T`` (``[nb, n, bh]``, tokens as the long
     dimension), and one ``index_add`` adds ``w_n Y_b[n]`` into slab ``(token n, block row r_b)``:
-    only the blocks' slabs move, never a whole row of the input or output. Products run in float32
+    only the blocks' slabs move, never a whole row of the input or output. Blocks smaller than
+    :data:`TOKEN_MAJOR_MIN_BLOCK` entries take whole gathered rows instead. Products run in float32
     (float64 for float64 operands); the result has ``x``'s dtype.
     """
-    return _RoutedBlockDelta.apply(x, values, tokens, weights, block_rows, block_cols, out_features, offsets)
+    _, _, bh, bw = values.shape
+    kernel = _RoutedBlockDelta if bh * bw >= TOKEN_MAJOR_MIN_BLOCK else _RoutedBlockDeltaRows
+    return kernel.apply(x, values, tokens, weights, block_rows, block_cols, out_features, offsets)
+
 
 
 def _slab_index(tok: torch.Tensor, blocks: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -159,6 +171,90 @@ class _RoutedBlockDelta(torch.autograd.Function):
                     grad_x.index_add_(0, _slab_index(tok, cols, in_features // bw), g_in.mul_(w).view(-1, bw))
         return (
             grad_x.view(x.shape).to(x.dtype) if need_x else None,
+            grad_values.to(values.dtype) if need_values else None,
+            None,
+            grad_weights.to(weights.dtype) if need_weights else None,
+            None, None, None, None,
+        )
+
+
+class _RoutedBlockDeltaRows(torch.autograd.Function):
+    """The feature-major variant for small blocks (see :func:`routed_block_delta`): each expert's
+    tokens' whole input rows are gathered once, transposed, and the blocks' ``bw``-row slabs taken
+    from them; the results are added into a feature-major output of the expert's tokens.
+
+    Backward, per expert, with ``G_b`` the output gradient's rows of block row ``r_b``
+    (``[nb, bh, n]``): ``dV_b = (G_b * w) X_b^T``, ``dX_b = V_b^T G_b`` added into block column
+    ``c_b`` of the input gradient (then times ``w``), and ``dw_n = <x_n, sum_b dX_b[:, n]>``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, tokens, weights, block_rows, block_cols, out_features, offsets):
+        num_experts, _, bh, bw = values.shape
+        in_features = x.shape[1]
+        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        a = values.to(dtype)
+        w_all = weights.to(dtype)
+        xs = x.to(dtype)
+        gathered = [
+            gather_feature_major(xs, tokens[offsets[e] : offsets[e + 1]]) if offsets[e + 1] > offsets[e] else None
+            for e in range(num_experts)
+        ]
+        out = torch.zeros(x.shape[0], out_features, dtype=dtype, device=x.device)
+        for e in range(num_experts):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi == lo:
+                continue
+            n = hi - lo
+            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
+            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            xg = gathered[e].view(in_features // bw, bw, n).index_select(0, cols)  # [nb, bw, n]
+            yb = torch.bmm(a[e], xg).mul_(w_all[lo:hi])  # [nb, bh, n]
+            ye = yb.new_zeros(out_features // bh, bh, n).index_add_(0, rows, yb)
+            out.index_add_(0, tokens[lo:hi], ye.view(out_features, n).t().contiguous())
+        kept = [t for t in gathered if t is not None]
+        ctx.save_for_backward(x, values, tokens, weights, block_rows, block_cols, *kept)
+        ctx.offsets, ctx.out_features = offsets, out_features
+        return out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, values, tokens, weights, block_rows, block_cols, *kept = ctx.saved_tensors
+        offsets, out_features = ctx.offsets, ctx.out_features
+        need_x, need_values, _, need_weights = ctx.needs_input_grad[:4]
+        num_experts, _, bh, bw = values.shape
+        in_features = x.shape[1]
+        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        a = values.to(dtype)
+        w_all = weights.to(dtype)
+        g = grad_out.to(dtype)
+        grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device) if need_x else None
+        grad_values = torch.zeros_like(a) if need_values else None
+        grad_weights = torch.zeros(weights.shape, dtype=dtype, device=x.device) if need_weights else None
+        inputs = iter(kept)
+        for e in range(num_experts):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi == lo:
+                continue
+            n = hi - lo
+            tok, w = tokens[lo:hi], w_all[lo:hi]
+            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
+            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            xt = next(inputs)  # [in, n]
+            gb = gather_feature_major(g, tok).view(out_features // bh, bh, n).index_select(0, rows)  # [nb, bh, n]
+            if need_values:
+                xg = xt.view(in_features // bw, bw, n).index_select(0, cols)
+                grad_values[e] = torch.bmm(gb * w, xg.transpose(1, 2))
+            if need_x or need_weights:
+                g_in = torch.bmm(a[e].transpose(1, 2), gb)  # [nb, bw, n]
+                g_in = g_in.new_zeros(in_features // bw, bw, n).index_add_(0, cols, g_in).view(in_features, n)
+                if need_weights:
+                    grad_weights[lo:hi] = torch.linalg.vecdot(xt, g_in, dim=0)
+                if need_x:
+                    grad_x.index_add_(0, tok, g_in.mul_(w).t().contiguous())
+        return (
+            grad_x.to(x.dtype) if need_x else None,
             grad_values.to(values.dtype) if need_values else None,
             None,
             grad_weights.to(weights.dtype) if need_weights else None,
