@@ -4,7 +4,10 @@ feature plugins (the router is the built-in ``topk``, which every recipe uses by
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -195,3 +198,19 @@ def perturb(srde_model, seed: int = 1, scale: float = 0.5) -> None:
     with torch.no_grad():
         for p in srde_model.trainable_parameters().values():
             p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def start_torchrun(workdir: Path, recipe: Path, overrides: Sequence[str], port: int, env: Mapping[str, str], *,
+                   resume: bool = False) -> subprocess.Popen:
+    """Start ``srde run RECIPE`` in 2 processes under torchrun on 127.0.0.1, in a session of its own
+    (so a test can kill the whole group), logging to ``workdir/torchrun[-resume].log``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    sets = [a for override in overrides for a in ("--set", override)]
+    command = [*launcher, "-m", "srde_core.cli", "run", str(recipe), *sets, *(["--resume"] if resume else [])]
+    log = (workdir / f"torchrun{'-resume' if resume else ''}.log").open("w")
+    try:
+        return subprocess.Popen(command, cwd=workdir, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        log.close()

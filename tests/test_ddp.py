@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RECIPES, run_recipe_in
+from srde_testkit import start_torchrun
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_available(),
                                 reason="needs torch.distributed and Linux /proc (to kill the workers)")
@@ -63,16 +64,7 @@ def free_ports(count: int) -> list[int]:
 
 def torchrun(workdir: Path, cache: Path, port: int, *, resume: bool = False) -> subprocess.Popen:
     """Start ``srde run`` of the recipe in 2 processes under torchrun, in a session of its own."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    sets = [a for override in [*TWO, f"cache_dir={json.dumps(str(cache))}"] for a in ("--set", override)]
-    command = [*launcher, "-m", "srde_core.cli", "run", str(RECIPE), *sets, *(["--resume"] if resume else [])]
-    log = (workdir / f"torchrun{'-resume' if resume else ''}.log").open("w")
-    try:
-        return subprocess.Popen(command, cwd=workdir, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    finally:
-        log.close()
+    return start_torchrun(workdir, RECIPE, [*TWO, f"cache_dir={json.dumps(str(cache))}"], port, ENV, resume=resume)
 
 
 def finish(launcher: subprocess.Popen, workdir: Path, timeout: float = 240) -> None:

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RECIPES, run_recipe_in
+from srde_testkit import start_torchrun
 from test_ddp import ENV as DDP_ENV, finish as finish_within, free_ports, kill_everything, stamp
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_available(),
@@ -56,16 +57,7 @@ def finish(launcher: subprocess.Popen, workdir: Path) -> None:
 
 def torchrun(workdir: Path, overrides: list[str], port: int, *, resume: bool = False) -> subprocess.Popen:
     """Start ``srde run`` of the recipe in 2 processes under torchrun, in a session of its own."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    sets = [a for override in overrides for a in ("--set", override)]
-    command = [*launcher, "-m", "srde_core.cli", "run", str(RECIPE), *sets, *(["--resume"] if resume else [])]
-    log = (workdir / f"torchrun{'-resume' if resume else ''}.log").open("w")
-    try:
-        return subprocess.Popen(command, cwd=workdir, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    finally:
-        log.close()
+    return start_torchrun(workdir, RECIPE, overrides, port, ENV, resume=resume)
 
 
 def run_dir(workdir: Path) -> Path:

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from srde_core.errors import SRDEError
 from srde_core.model.components import BankCall, DeltaBank, Selector
-from srde_plugins.deltas.sparse.kernels import gather_feature_major
+from srde_plugins.deltas.sparse.kernels import compute_dtype, gather_feature_major
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -98,6 +98,12 @@ def routed_block_delta(
 
 
 
+def expert_blocks(block_rows: torch.Tensor, block_cols: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s block rows and columns (one stored row when every expert has the same blocks)."""
+    row = e if block_rows.shape[0] > 1 else 0
+    return block_rows[row], block_cols[row]
+
+
 def _slab_index(tok: torch.Tensor, blocks: torch.Tensor, per_row: int) -> torch.Tensor:
     """Flat slab indices ``[nb * n]`` (block-major) of ``(token, block)`` in a ``[T * per_row, b]`` view."""
     return (blocks[:, None] + tok[None, :] * per_row).reshape(-1)
@@ -115,7 +121,7 @@ class _RoutedBlockDelta(torch.autograd.Function):
     def forward(ctx, x, values, tokens, weights, block_rows, block_cols, out_features, offsets):
         num_experts, nb, bh, bw = values.shape
         in_features = x.shape[1]
-        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        dtype = compute_dtype(x, values)
         a = values.to(dtype)
         w_all = weights.to(dtype)
         slabs_in = x.to(dtype).reshape(-1, bw)  # [T * in / bw, bw]
@@ -126,8 +132,7 @@ class _RoutedBlockDelta(torch.autograd.Function):
             if hi == lo:
                 continue
             tok = tokens[lo:hi]
-            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
-            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            rows, cols = expert_blocks(block_rows, block_cols, e)
             xg = slabs_in.index_select(0, _slab_index(tok, cols, in_features // bw)).view(nb, hi - lo, bw)
             yb = torch.bmm(xg, a[e].transpose(1, 2)).mul_(w_all[lo:hi, None])  # [nb, n, bh]
             out.index_add_(0, _slab_index(tok, rows, out_features // bh), yb.view(-1, bh))
@@ -144,7 +149,7 @@ class _RoutedBlockDelta(torch.autograd.Function):
         need_x, need_values, _, need_weights = ctx.needs_input_grad[:4]
         num_experts, nb, bh, bw = values.shape
         in_features = x.shape[1]
-        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        dtype = compute_dtype(x, values)
         a = values.to(dtype)
         w_all = weights.to(dtype)
         slabs_out = grad_out.to(dtype).reshape(-1, bh)  # [T * out / bh, bh]
@@ -157,8 +162,7 @@ class _RoutedBlockDelta(torch.autograd.Function):
             if hi == lo:
                 continue
             n, tok, w = hi - lo, tokens[lo:hi], w_all[lo:hi, None]
-            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
-            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            rows, cols = expert_blocks(block_rows, block_cols, e)
             xg = next(inputs)  # [nb, n, bw]
             gb = slabs_out.index_select(0, _slab_index(tok, rows, out_features // bh)).view(nb, n, bh)
             if need_values:
@@ -192,7 +196,7 @@ class _RoutedBlockDeltaRows(torch.autograd.Function):
     def forward(ctx, x, values, tokens, weights, block_rows, block_cols, out_features, offsets):
         num_experts, _, bh, bw = values.shape
         in_features = x.shape[1]
-        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        dtype = compute_dtype(x, values)
         a = values.to(dtype)
         w_all = weights.to(dtype)
         xs = x.to(dtype)
@@ -206,8 +210,7 @@ class _RoutedBlockDeltaRows(torch.autograd.Function):
             if hi == lo:
                 continue
             n = hi - lo
-            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
-            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            rows, cols = expert_blocks(block_rows, block_cols, e)
             xg = gathered[e].view(in_features // bw, bw, n).index_select(0, cols)  # [nb, bw, n]
             yb = torch.bmm(a[e], xg).mul_(w_all[lo:hi])  # [nb, bh, n]
             ye = yb.new_zeros(out_features // bh, bh, n).index_add_(0, rows, yb)
@@ -225,7 +228,7 @@ class _RoutedBlockDeltaRows(torch.autograd.Function):
         need_x, need_values, _, need_weights = ctx.needs_input_grad[:4]
         num_experts, _, bh, bw = values.shape
         in_features = x.shape[1]
-        dtype = torch.promote_types(torch.promote_types(x.dtype, values.dtype), torch.float32)
+        dtype = compute_dtype(x, values)
         a = values.to(dtype)
         w_all = weights.to(dtype)
         g = grad_out.to(dtype)
@@ -239,8 +242,7 @@ class _RoutedBlockDeltaRows(torch.autograd.Function):
                 continue
             n = hi - lo
             tok, w = tokens[lo:hi], w_all[lo:hi]
-            rows = block_rows[e if block_rows.shape[0] > 1 else 0]
-            cols = block_cols[e if block_cols.shape[0] > 1 else 0]
+            rows, cols = expert_blocks(block_rows, block_cols, e)
             xt = next(inputs)  # [in, n]
             gb = gather_feature_major(g, tok).view(out_features // bh, bh, n).index_select(0, rows)  # [nb, bh, n]
             if need_values:

@@ -116,7 +116,7 @@ def build_csr_structure(positions: torch.Tensor, out_features: int, in_features:
     )
 
 
-def _compute_dtype(x: torch.Tensor, values: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, values: torch.Tensor) -> torch.dtype:
     """float32, or float64 when an operand is float64.
 
     The sparse kernels do not support reduced precision everywhere ("addmm_out_sparse_csr_impl_mkl
@@ -160,7 +160,7 @@ class _RoutedSparseDelta(torch.autograd.Function):
     def forward(ctx, x, values, tokens, weights, structure, offsets, cache_inputs, shared):
         s = structure
         size = (s.out_features, s.in_features)
-        dtype = _compute_dtype(x, values)
+        dtype = compute_dtype(x, values)
         a = values.to(dtype)
         w_all = weights.to(dtype)
         scale_input = s.in_features <= s.out_features  # the gate weight scales the smaller side
@@ -207,7 +207,7 @@ class _RoutedSparseDelta(torch.autograd.Function):
         offsets = ctx.offsets
         size, size_t = (s.out_features, s.in_features), (s.in_features, s.out_features)
         need_x, need_values, _, need_weights = ctx.needs_input_grad[:4]
-        dtype = _compute_dtype(x, values)
+        dtype = compute_dtype(x, values)
         a = values.to(dtype)
         w_all = weights.to(dtype)
         scale_input = s.in_features <= s.out_features
