@@ -159,6 +159,9 @@ def cmd_run(args) -> int:
             from srde_core.evaluate.report import print_loss_summary
 
             print_loss_summary(run)
+    # leave the process group before the interpreter exits: a group left to be torn down at exit
+    # can abort a process (gloo's threads) after the run has finished
+    run.dist.close()
     return 0
 
 
