@@ -192,7 +192,7 @@ def test_block_adapter_saves_and_loads(selector):
     target.base.load_state_dict(source.base.state_dict())
     target.router.load_state_dict(source.router.state_dict())
     state = source.banks.state_dict()
-    assert set(source.banks["up_proj"].state_dict()) == {"blocks", "values", "importance"}
+    assert set(source.banks["up_proj"].state_dict()) == {"blocks", "active", "values", "importance"}
     assert state["up_proj.blocks"].shape[0] == (1 if selector == "magnitude" else 3)
     target.banks.load_state_dict(state)
     x = torch.randn(10, 16, generator=torch.Generator().manual_seed(11))
@@ -202,12 +202,11 @@ def test_block_adapter_saves_and_loads(selector):
 def test_block_errors_are_one_clear_line():
     with pytest.raises(SRDEError, match=r"srde.delta.block: block \[4, 4\] does not tile a \(10, 16\) weight"):
         delta_type((4, 4)).make_bank(torch.randn(10, 16), 2, torch.Generator())
-    with pytest.raises(SRDEError, match="srde.delta.selector: .* block positions do not support"):
-        delta_type((2, 2), selector="gumbel_topk").make_bank(torch.randn(8, 8), 2, torch.Generator())
     bank = delta_type((2, 2)).make_bank(torch.randn(8, 8), 2, torch.Generator())
-    for call in (lambda: bank.set_positions(bank.blocks), lambda: bank.set_active_fraction(0.5), bank.prune):
-        with pytest.raises(NotImplementedError, match="block positions"):
-            call()
+    with pytest.raises(ValueError, match="blocks must lie in"):
+        bank.set_positions(torch.tensor([[0, 16], [1, 2]]))
+    with pytest.raises(ValueError, match="unique and sorted"):
+        bank.set_positions(torch.tensor([[2, 1], [1, 2]]))
 
 
 @pytest.mark.parametrize("block", [[2, 2], [1, 1]])

@@ -41,22 +41,29 @@ HIDDEN, INTERMEDIATE, EXPERTS = 12, 20, 3
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def sparse_delta(selector: dict, density: float = 0.1):
-    return resolve_component(PLUGINS, "delta", {"name": "sparse", "density": density, "selector": selector}).build()
+#: entries, and blocks of 2x2 entries (learned selectors then move whole blocks)
+BLOCKS = [(1, 1), (2, 2)]
+BLOCK_IDS = ["entries", "blocks"]
 
 
-def make_bank(selector: dict, out: int = INTERMEDIATE, inp: int = HIDDEN, *, density: float = 0.1, seed: int = 0):
+def sparse_delta(selector: dict, density: float = 0.1, block: tuple[int, int] = (1, 1)):
+    spec = {"name": "sparse", "density": density, "selector": selector, "block": list(block)}
+    return resolve_component(PLUGINS, "delta", spec).build()
+
+
+def make_bank(selector: dict, out: int = INTERMEDIATE, inp: int = HIDDEN, *, density: float = 0.1, seed: int = 0,
+              block: tuple[int, int] = (1, 1)):
     weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
-    bank = sparse_delta(selector, density).make_bank(weight, EXPERTS, torch.Generator().manual_seed(seed))
+    bank = sparse_delta(selector, density, block).make_bank(weight, EXPERTS, torch.Generator().manual_seed(seed))
     bank.values.requires_grad_(True)
     return bank
 
 
-def build_layer(selector: dict, *, seed: int = 0, top_k: int = 2) -> SRDEMLP:
+def build_layer(selector: dict, *, seed: int = 0, top_k: int = 2, block: tuple[int, int] = (1, 1)) -> SRDEMLP:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     base = GatedMLP(HIDDEN, INTERMEDIATE).requires_grad_(False)
-    delta = sparse_delta(selector)
+    delta = sparse_delta(selector, block=block)
     banks = {name: delta.make_bank(getattr(base, name).weight.detach(), EXPERTS, generator) for name in PROJECTIONS}
     for bank in banks.values():
         for name, p in bank.named_parameters():
@@ -125,9 +132,10 @@ def spiel_move(bank) -> None:
     assert not torch.equal(bank.entry_positions(), before)
 
 
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
 @pytest.mark.parametrize("state", ["gumbel-train", "gumbel-eval", "gumbel-hardened", "spiel-moved"])
-def test_banks_with_learned_selectors_match_the_dense_reference(state):
-    bank = make_bank(SPIEL if state.startswith("spiel") else GUMBEL)
+def test_banks_with_learned_selectors_match_the_dense_reference(state, block):
+    bank = make_bank(SPIEL if state.startswith("spiel") else GUMBEL, block=block)
     randomise(bank, 1)
     if state == "gumbel-eval":
         bank.eval()
@@ -140,9 +148,10 @@ def test_banks_with_learned_selectors_match_the_dense_reference(state):
     assert_bank_exact(bank)
 
 
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
 @pytest.mark.parametrize("selector", [GUMBEL, SPIEL], ids=["gumbel_topk", "spiel"])
-def test_layers_with_learned_selectors_match_the_dense_reference_float32(selector):
-    mlp = build_layer(selector)
+def test_layers_with_learned_selectors_match_the_dense_reference_float32(selector, block):
+    mlp = build_layer(selector, block=block)
     for bank in mlp.banks.values():
         randomise(bank, 4)
     x = torch.randn(3, 7, HIDDEN, generator=torch.Generator().manual_seed(2))
@@ -280,9 +289,10 @@ def test_spiel_moves_only_on_its_steps_and_keeps_the_optimiser_state_of_kept_ent
     assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
 @pytest.mark.parametrize("selector", [GUMBEL, SPIEL], ids=["gumbel_topk", "spiel"])
-def test_a_bank_state_loads_into_a_fresh_bank_with_the_learned_positions(selector):
-    bank = make_bank(selector)
+def test_a_bank_state_loads_into_a_fresh_bank_with_the_learned_positions(selector, block):
+    bank = make_bank(selector, block=block)
     randomise(bank, 1)
     if selector["name"] == "gumbel_topk":
         bank.selector.after_step(bank, 4, 8, SINGLE)  # hardened: fewer entries than a fresh bank
@@ -290,8 +300,8 @@ def test_a_bank_state_loads_into_a_fresh_bank_with_the_learned_positions(selecto
         spiel_move(bank)
     state = {k: v.detach().clone() for k, v in bank.state_dict().items()}
     assert any(k.startswith("selector.") for k in state)
-    fresh = make_bank(selector)
-    assert not torch.equal(fresh.entry_positions(), bank.entry_positions()) or fresh.count != bank.count
+    fresh = make_bank(selector, block=block)
+    assert fresh.count != bank.count or not torch.equal(fresh.entry_positions(), bank.entry_positions())
     fresh.load_state_dict(state)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, state[key]), key
@@ -302,28 +312,30 @@ def test_a_bank_state_loads_into_a_fresh_bank_with_the_learned_positions(selecto
     assert torch.equal(fresh(x, BankCall(routing, ForwardContext())), bank(x, BankCall(routing, ForwardContext())))
 
 
+@pytest.mark.parametrize("block", [(1, 1), (4, 4)], ids=BLOCK_IDS)
 @pytest.mark.parametrize(
     "selector",
     ['{ name = "gumbel_topk", harden_at = 5 }', '{ name = "spiel", every = 2, fraction = 0.25, until = 1.0 }'],
     ids=["gumbel_topk", "spiel"],
 )
-def test_a_run_with_a_learned_selector_moves_entries_and_resumes_exactly(tmp_path, plugins, micro_recipe, selector):
+def test_a_run_with_a_learned_selector_moves_entries_and_resumes_exactly(tmp_path, plugins, micro_recipe, selector, block):
     from conftest import run_recipe_in
 
     overrides = [
-        f"srde.delta={{ name = \"sparse\", density = 0.05, selector = {selector} }}",
+        f"srde.delta={{ name = \"sparse\", density = 0.05, selector = {selector}, block = {list(block)} }}",
         "phases.experts.steps=8", "phases.experts.checkpoint_every=3", "phases.experts.keep_checkpoints=3",
     ]
     run_recipe_in(tmp_path, micro_recipe, plugins, overrides)
     run_dir = tmp_path / "runs" / "micro"
     full = load_file(run_dir / "adapter.safetensors")
-    positions = {k: v for k, v in full.items() if k.endswith(".positions")}
-    count = position_count(0.05, 128, 64)
-    assert positions and all(v.shape == (4, count) for v in positions.values())  # the recipe's density at the end
+    suffix = ".positions" if block == (1, 1) else ".blocks"
+    positions = {k: v for k, v in full.items() if k.endswith(suffix)}
+    count = position_count(0.05, 128 // block[0], 64 // block[1])
+    assert positions and all(v.shape[-1] == count for v in positions.values())  # the recipe's density at the end
     if "gumbel" in selector:
         assert any(k.endswith("selector.logits") for k in full)
     else:  # entries moved away from the shared top-|W| start
-        assert all(not torch.equal(v[0], v[1]) for v in positions.values())
+        assert all(v.shape[0] == 4 and not torch.equal(v[0], v[1]) for v in positions.values())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     # Kill after the checkpoint at step 3 (before the moves of steps 4-8) and resume.

@@ -34,7 +34,8 @@ from srde_core.model.routing import Routing
 
 
 class Selector(nn.Module, ABC):
-    """Chooses, per expert, ``count`` flat positions of a ``(out, in)`` weight.
+    """Chooses, per expert, ``count`` flat positions of a ``(out, in)`` weight (or of the coarser
+    grid a bank hands it, e.g. the block norms of a bank of blocks: positions are then blocks).
 
     A selector that learns keeps choosing during training. The bank that holds it (as its submodule
     ``selector``, when the selector has state) multiplies its entries by :meth:`entry_scale` in
@@ -65,7 +66,8 @@ class Selector(nn.Module, ABC):
         """Called once by the bank that keeps this selector (e.g. to register torch hooks on it)."""
 
     def entry_scale(self, bank: DeltaBank) -> torch.Tensor | None:
-        """``[E, P]``: a (differentiable) multiplier of the bank's entries in this forward, or None."""
+        """``[E, n]``: a (differentiable) multiplier of the bank's selected positions
+        (``bank.selection_positions()``) in this forward, or None."""
         return None
 
     def after_step(self, bank: DeltaBank, step: int, total_steps: int, dist: Any) -> None:
@@ -90,8 +92,9 @@ class BankCall:
 
 @dataclass(frozen=True)
 class Remap:
-    """A bank parameter whose entries moved: entry ``[..., j]`` of ``new`` continues entry
-    ``[..., index[..., j]]`` of ``old`` in the same row; ``index`` is -1 for a fresh entry.
+    """A bank parameter whose entries moved: entry ``[e, j, ...]`` of ``new`` continues entry
+    ``[e, index[e, j], ...]`` of ``old`` (``index`` ``[E, P']``; trailing dimensions, such as a
+    block's rows and columns, move together); ``index`` is -1 for a fresh entry.
 
     ``new`` may be ``old`` itself (updated in place) or a replacement of another size. An engine
     moves the optimiser state of ``old`` the same way (fresh entries start from zero state).
@@ -160,6 +163,18 @@ class DeltaBank(nn.Module, ABC):
         """Flat row-major positions ``[E, P]`` of the entries each expert owns; None for deltas
         without positions (dense, low-rank)."""
         return None
+
+    def selection_positions(self) -> torch.Tensor | None:
+        """``[E, n]``: what the bank's selector chose and :meth:`set_positions` takes, as flat
+        positions in the grid the selector ranks: the weight's entries (the default,
+        :meth:`entry_positions`) or a coarser grid (blocks of entries)."""
+        return self.entry_positions()
+
+    def selection_scores(self, dense: torch.Tensor) -> torch.Tensor:
+        """A per-entry quantity ``[E, out, in]`` (e.g. each expert's dense gradient) as magnitudes
+        on the selector's grid, ``[E, n_grid]``: ``|dense|`` flattened by default; a bank that
+        selects blocks gives each block's Frobenius norm."""
+        return dense.abs().reshape(dense.shape[0], -1)
 
     @property
     def active_fraction(self) -> float:

@@ -235,10 +235,7 @@ class TorchSession(EngineSession):
             moved = {}
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == remap.old.shape:
-                    fresh = torch.zeros(remap.new.shape, dtype=value.dtype, device=value.device)
-                    kept = remap.index >= 0
-                    source = torch.gather(value, -1, remap.index.clamp(min=0))
-                    moved[key] = torch.where(kept, source, fresh)
+                    moved[key] = follow_remap(value, remap.index)
                 else:
                     moved[key] = value
             self.optimizer.state[remap.new] = moved
@@ -247,6 +244,15 @@ class TorchSession(EngineSession):
         for group in self.optimizer.param_groups:
             group["params"] = [new if p is old else p for p in group["params"]]
         self.parameters = [new if p is old else p for p in self.parameters]
+
+
+def follow_remap(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``value`` (``[E, P, ...]``, e.g. an optimiser moment) moved as :class:`Remap` says: entry
+    ``[e, j, ...]`` of the result is ``value[e, index[e, j], ...]``, 0 where ``index`` is -1."""
+    trailing = value.shape[index.dim():]
+    shaped = index.view(*index.shape, *([1] * len(trailing)))
+    source = torch.gather(value, index.dim() - 1, shaped.clamp(min=0).expand(*index.shape, *trailing))
+    return torch.where(shaped >= 0, source, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
 class TorchEngine(Engine):

@@ -60,7 +60,7 @@ class SparseDeltaParams(Params):
         max_length=2,
         description=(
             "[rows, cols] of the dense blocks an expert owns ([1, 1]: single entries); the selector "
-            "ranks the grid of block norms, density still counts entries. Fixed positions only"
+            "ranks the grid of block norms (learned selectors move whole blocks), density still counts entries"
         ),
     )
 

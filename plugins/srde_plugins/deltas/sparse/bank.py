@@ -9,6 +9,7 @@ from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Se
 from srde_plugins.deltas.sparse import SparseDeltaParams
 from srde_plugins.deltas.sparse.block import make_block_bank
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters
 
 
 def position_count(density: float, out_features: int, in_features: int) -> int:
@@ -148,11 +149,7 @@ class SparseDeltaBank(DeltaBank):
         :meth:`set_active_fraction`): the kernels then do proportionally less work."""
         if not self._masked:
             return []
-        counts = self.active.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError("experts have different numbers of active entries; cannot prune to one size")
-        kept = self.positions[self.active].view(self.num_experts, int(counts[0]))
-        return self.set_positions(kept)
+        return self.set_positions(keep_active(self.active, self.positions))
 
     def forward(self, x: torch.Tensor, call: BankCall) -> torch.Tensor:
         groups = call.routing.groups()
@@ -187,27 +184,9 @@ class SparseDeltaBank(DeltaBank):
         positions = _checked_positions(positions.to(self.positions.device), self.out_features * self.in_features)
         if positions.shape[0] != self.num_experts:
             raise ValueError(f"positions must have {self.num_experts} rows, got {tuple(positions.shape)}")
-        old = self.positions.contiguous()
-        # Both rows are sorted: searchsorted finds where each new position sat in the old row.
-        slot = torch.searchsorted(old, positions).clamp_(max=old.shape[1] - 1)
-        kept = torch.gather(old, 1, slot) == positions
-        index = torch.where(kept, slot, torch.full_like(slot, -1))
-
-        def moved(tensor: torch.Tensor, fresh: float | bool) -> torch.Tensor:
-            return torch.where(kept, torch.gather(tensor, 1, slot), torch.full_like(slot, fresh, dtype=tensor.dtype))
-
-        new_values, new_importance = moved(self.values, 0.0), moved(self.importance, self.init_importance)
-        new_active = moved(self.active, True)
-        remaps = []
-        for name, data in (("values", new_values), ("importance", new_importance)):
-            param = getattr(self, name)
-            if data.shape == param.shape:
-                param.copy_(data)
-                remaps.append(Remap(param, param, index))
-            else:
-                fresh = nn.Parameter(data, requires_grad=param.requires_grad)
-                setattr(self, name, fresh)
-                remaps.append(Remap(param, fresh, index))
+        index = move_index(self.positions, positions)
+        new_active = moved(self.active, index, True)
+        remaps = move_parameters(self, index, {"values": 0.0, "importance": self.init_importance})
         self.positions = _stored_rows(positions)
         self.active = new_active
         self._masked = not bool(new_active.all())
@@ -216,16 +195,9 @@ class SparseDeltaBank(DeltaBank):
 
     @torch.no_grad()
     def _resize(self, count: int) -> None:
-        device = self.positions.device
-        index = torch.full((self.num_experts, count), -1, dtype=torch.long, device=device)
-        remaps = []
-        for name in ("values", "importance"):
-            old = getattr(self, name)
-            new = nn.Parameter(torch.zeros(self.num_experts, count, dtype=old.dtype, device=device), requires_grad=old.requires_grad)
-            setattr(self, name, new)
-            remaps.append(Remap(old, new, index))
-        self.positions = torch.arange(count, device=device)[None]  # overwritten by the load
-        self.active = torch.ones(self.num_experts, count, dtype=torch.bool, device=device)
+        remaps = resize_parameters(self, count, ("values", "importance"))
+        self.positions = torch.arange(count, device=self.positions.device)[None]  # overwritten by the load
+        self.active = torch.ones(self.num_experts, count, dtype=torch.bool, device=self.positions.device)
         self.notify_remap(remaps)
 
     def _register_structure(self) -> None:

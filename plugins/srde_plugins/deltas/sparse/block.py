@@ -28,16 +28,18 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from srde_core.errors import SRDEError
-from srde_core.model.components import BankCall, DeltaBank, Selector
+from srde_core.model.components import BankCall, DeltaBank, Remap, Selector
 from srde_plugins.deltas.sparse.kernels import compute_dtype, gather_feature_major
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """``(out / bh, in / bw)``: the Frobenius norm of each ``bh x bw`` block of ``weight``."""
+    """``(..., out / bh, in / bw)``: the Frobenius norm of each ``bh x bw`` block of ``weight``
+    (``(..., out, in)``)."""
     bh, bw = block
-    out_features, in_features = weight.shape
-    grid = weight.detach().float().reshape(out_features // bh, bh, in_features // bw, bw)
-    return grid.pow(2).sum(dim=(1, 3)).sqrt()
+    *lead, out_features, in_features = weight.shape
+    grid = weight.detach().float().reshape(*lead, out_features // bh, bh, in_features // bw, bw)
+    return grid.pow(2).sum(dim=(-3, -1)).sqrt()
 
 
 def check_block(block: tuple[int, int], out_features: int, in_features: int) -> None:
@@ -268,14 +270,18 @@ class BlockSparseDeltaBank(DeltaBank):
     """``E`` block-sparse deltas of one ``(out, in)`` weight (see the module docstring).
 
     Buffers: ``blocks`` (flat indices into the block grid, sorted per expert; ``[1, nb]`` when
-    every expert has the same blocks, else ``[E, nb]``; saved with the adapter) and the derived
+    every expert has the same blocks, else ``[E, nb]``; saved with the adapter), ``active``
+    ``[E, nb]`` (bool: the blocks in use, see :meth:`set_active_fraction`; saved) and the derived
     block rows and columns (not saved). Parameters: ``values`` and ``importance``
-    ``[E, nb, bh, bw]``. The positions are fixed: :meth:`set_positions`, :meth:`set_active_fraction`
-    and :meth:`prune` are not supported for blocks.
+    ``[E, nb, bh, bw]``. Blocks move as the entry bank's positions do (:meth:`set_positions`,
+    :meth:`prune`, a learned selector kept as the submodule ``selector``), a whole block at a time:
+    the selector's grid is the grid of blocks (:meth:`selection_positions`,
+    :meth:`selection_scores`).
     """
 
-    #: ``blocks`` is saved as ``[1, nb]`` (shared) or ``[E, nb]``: either loads into either.
-    resizable_state = ("blocks",)
+    #: ``blocks`` is saved as ``[1, nb]`` (shared) or ``[E, nb]``: either loads into either, and a
+    #: state with another number of blocks (pruned, hardened) resizes the bank.
+    resizable_state = ("blocks", "active", "values", "importance")
 
     def __init__(
         self,
@@ -286,6 +292,7 @@ class BlockSparseDeltaBank(DeltaBank):
         *,
         num_experts: int,
         init_importance: float = 0.0,
+        selector: Selector | None = None,
     ):
         super().__init__()
         bh, bw = block
@@ -294,21 +301,39 @@ class BlockSparseDeltaBank(DeltaBank):
         self.out_features = out_features
         self.in_features = in_features
         self.block = (bh, bw)
-        grid = (out_features // bh) * (in_features // bw)
+        self.init_importance = init_importance
         if blocks.dim() != 2 or blocks.shape[0] not in (1, num_experts) or blocks.shape[1] < 1:
             raise ValueError(f"blocks must be [{num_experts} or 1, count], got {tuple(blocks.shape)}")
+        blocks = self._checked(blocks)
+        self.register_buffer("blocks", compact_rows(blocks).contiguous())
+        shape = (num_experts, blocks.shape[1], bh, bw)
+        self.register_buffer("active", torch.ones(shape[:2], dtype=torch.bool, device=blocks.device))
+        self.values = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=blocks.device))
+        self.importance = nn.Parameter(torch.full(shape, float(init_importance), dtype=torch.float32, device=blocks.device))
+        owns_state = selector is not None and any(True for _ in selector.state_dict())
+        self.selector = selector if owns_state else None
+        self.trainable_names = ("values", "importance") + (
+            tuple(f"selector.{name}" for name in selector.trainable_names) if owns_state else ()
+        )
+        self._masked = False
+        self._register_grid()
+        if self.selector is not None:
+            self.selector.bind(self)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(out / bh, in / bw)``: the grid of blocks the selector ranks."""
+        return self.out_features // self.block[0], self.in_features // self.block[1]
+
+    def _checked(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.long()
+        grid = self.grid_shape[0] * self.grid_shape[1]
         if not blocks.is_meta:
             if blocks.min() < 0 or blocks.max() >= grid:
                 raise ValueError(f"blocks must lie in [0, {grid})")
             if blocks.shape[1] > 1 and bool((blocks[:, 1:] <= blocks[:, :-1]).any()):
                 raise ValueError("blocks must be unique and sorted per expert")
-        self.register_buffer("blocks", compact_rows(blocks).contiguous())
-        shape = (num_experts, blocks.shape[1], bh, bw)
-        self.values = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=blocks.device))
-        self.importance = nn.Parameter(torch.full(shape, float(init_importance), dtype=torch.float32, device=blocks.device))
-        self.trainable_names = ("values", "importance")
-        self._register_grid()
+        return blocks
 
     @property
     def count(self) -> int:
@@ -316,13 +341,18 @@ class BlockSparseDeltaBank(DeltaBank):
         return self.blocks.shape[1]
 
     def _register_grid(self) -> None:
-        grid_cols = self.in_features // self.block[1]
+        grid_cols = self.grid_shape[1]
         self.register_buffer("block_rows", torch.div(self.blocks, grid_cols, rounding_mode="floor"), persistent=False)
         self.register_buffer("block_cols", self.blocks % grid_cols, persistent=False)
 
     def effective_values(self) -> torch.Tensor:
-        """``values * sigmoid(importance)``, ``[E, nb, bh, bw]``."""
-        return self.values * torch.sigmoid(self.importance)
+        """``values * sigmoid(importance)`` times the selector's block scale, if any (0 in inactive
+        blocks), ``[E, nb, bh, bw]``."""
+        values = self.values * torch.sigmoid(self.importance)
+        scale = self.selector.entry_scale(self) if self.selector is not None else None
+        if scale is not None:
+            values = values * scale[..., None, None]
+        return values * self.active[..., None, None] if self._masked else values
 
     def entry_positions(self) -> torch.Tensor:
         """Flat row-major positions ``[E, nb * bh * bw]`` of every entry, in the order of
@@ -333,6 +363,14 @@ class BlockSparseDeltaBank(DeltaBank):
         cols = self.block_cols[..., None, None] * bw + torch.arange(bw, device=device).view(1, bw)
         flat = (rows * self.in_features + cols).reshape(self.blocks.shape[0], -1)
         return flat.expand(self.num_experts, -1)
+
+    def selection_positions(self) -> torch.Tensor:
+        """``[E, nb]``: the experts' blocks (flat indices into the block grid)."""
+        return self.blocks.expand(self.num_experts, -1)
+
+    def selection_scores(self, dense: torch.Tensor) -> torch.Tensor:
+        """``[E, out, in] -> [E, n_blocks]``: the Frobenius norm of each block of each expert's ``dense``."""
+        return block_norms(dense, self.block).reshape(dense.shape[0], -1)
 
     def gram(self) -> torch.Tensor:
         """``<dW_a, dW_b>`` over the experts' entries (one product when they share the blocks)."""
@@ -352,27 +390,75 @@ class BlockSparseDeltaBank(DeltaBank):
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         bh, bw = self.block
-        grid_rows, grid_cols = self.out_features // bh, self.in_features // bw
+        grid_rows, grid_cols = self.grid_shape
         blocks = self.blocks[expert if self.blocks.shape[0] > 1 else 0]
         values = self.effective_values()[expert]
         dense = values.new_zeros(grid_rows * grid_cols, bh, bw).index_copy(0, blocks, values)
         return dense.view(grid_rows, grid_cols, bh, bw).transpose(1, 2).reshape(self.out_features, self.in_features)
 
-    def set_positions(self, positions: torch.Tensor):
-        raise NotImplementedError("sparse delta with block positions: the blocks are fixed (set_positions is not supported)")
+    # -- moving blocks ---------------------------------------------------------------------------
 
+    @property
+    def active_fraction(self) -> float:
+        return float(self.active.float().mean()) if self._masked else 1.0
+
+    @torch.no_grad()
     def set_active_fraction(self, fraction: float) -> None:
-        raise NotImplementedError("sparse delta with block positions: set_active_fraction is not supported")
+        """Keep, per expert, the ``round(fraction * nb)`` blocks of largest
+        ``||sigmoid(importance) * values||_F`` (at least one) and mask the others to zero (they
+        keep their parameters and get no gradient). 1.0 removes the mask."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if fraction >= 1.0:
+            self.active.fill_(True)
+            self._masked = False
+            return
+        keep = max(1, round(fraction * self.count))
+        score = (torch.sigmoid(self.importance) * self.values).flatten(2).norm(dim=2)
+        self.active.zero_().scatter_(1, torch.topk(score, keep, dim=1).indices, True)
+        self._masked = True
 
-    def prune(self):
-        raise NotImplementedError("sparse delta with block positions: prune is not supported")
+    @torch.no_grad()
+    def prune(self) -> list[Remap]:
+        """Keep only the active blocks (after :meth:`set_active_fraction`)."""
+        if not self._masked:
+            return []
+        return self.set_positions(keep_active(self.active, self.selection_positions()))
+
+    @torch.no_grad()
+    def set_positions(self, positions: torch.Tensor) -> list[Remap]:
+        """Move the experts to the blocks ``positions`` (``[E, nb']`` flat block-grid indices, unique
+        and sorted per expert; ``nb'`` may differ from the current count). A block an expert keeps
+        keeps its values, importance and active flag; a new block starts at value 0 (so the delta
+        loses only the dropped blocks); the remaps (also sent to the listeners) move the optimiser
+        state block by block."""
+        positions = self._checked(positions.to(self.blocks.device))
+        if positions.dim() != 2 or positions.shape[0] != self.num_experts:
+            raise ValueError(f"positions must be [{self.num_experts}, count] blocks, got {tuple(positions.shape)}")
+        index = move_index(self.selection_positions(), positions)
+        new_active = moved(self.active, index, True)
+        remaps = move_parameters(self, index, {"values": 0.0, "importance": self.init_importance})
+        self.blocks = compact_rows(positions).contiguous()
+        self.active = new_active
+        self._masked = not bool(new_active.all())
+        self._register_grid()
+        return self.notify_remap(remaps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "blocks")
-        if saved is not None and saved.shape != self.blocks.shape:
-            # experts with the same blocks are stored once: take the saved form (shared or not)
-            self.blocks = torch.empty_like(saved, device=self.blocks.device)
+        if saved is not None:
+            if saved.shape[-1] != self.count:
+                # a pruned or hardened bank: take the saved size first; optimiser state follows via remap
+                remaps = resize_parameters(self, saved.shape[-1], ("values", "importance"))
+                self.active = torch.ones(self.num_experts, saved.shape[-1], dtype=torch.bool, device=self.blocks.device)
+                self.notify_remap(remaps)
+            if saved.shape != self.blocks.shape:
+                # experts with the same blocks are stored once: take the saved form (shared or not)
+                self.blocks = torch.empty(saved.shape, dtype=torch.long, device=self.blocks.device)
+            # adapters saved before blocks could move have no ``active``: every block is in use
+            state_dict.setdefault(prefix + "active", torch.ones(self.active.shape, dtype=torch.bool))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._masked = not bool(self.active.all())
         self._register_grid()
 
     def extra_repr(self) -> str:
@@ -389,15 +475,8 @@ def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_expert
     block = tuple(params.block)
     out_features, in_features = weight.shape
     check_block(block, out_features, in_features)
-    learned = ("plan_count", "entry_scale", "after_step")
-    if any(getattr(type(selector), name) is not getattr(Selector, name) for name in learned):
-        raise SRDEError(
-            f"selector {type(selector).__name__} learns positions during training, which block "
-            "positions do not support; use a fixed selector ('magnitude' or 'random')",
-            key="srde.delta.selector",
-        )
     grid_shape = (out_features // block[0], in_features // block[1])
-    count = position_count(params.density, *grid_shape)
+    count = selector.plan_count(position_count(params.density, *grid_shape), grid_shape[0] * grid_shape[1])
     if weight.is_meta:
         blocks = torch.empty(num_experts, count, dtype=torch.long, device="meta")
     else:
@@ -408,5 +487,5 @@ def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_expert
         )
     return BlockSparseDeltaBank(
         out_features, in_features, blocks.to(weight.device), block,
-        num_experts=num_experts, init_importance=params.init_importance,
+        num_experts=num_experts, init_importance=params.init_importance, selector=selector,
     )

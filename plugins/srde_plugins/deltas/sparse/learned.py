@@ -38,7 +38,8 @@ def _phase_step(at: int | float, total_steps: int) -> int:
 class GumbelTopK(Selector):
     """Differentiable top-``count`` over ``C = candidates * count`` candidate positions.
 
-    The candidates are the ``C`` entries of largest ``|W|`` (shared by the experts); the bank holds
+    The candidates are the ``C`` entries of largest ``|W|`` (shared by the experts; on a bank of
+    blocks, the ``C`` blocks of largest norm, each scaled as a whole); the bank holds
     values at all of them, and expert ``e`` has a logit ``l[e, c]`` per candidate (initialised to
     ``|W_c| / max |W|`` over the candidates). In training each entry is multiplied by the
     straight-through Gumbel top-k mask
@@ -90,7 +91,7 @@ class GumbelTopK(Selector):
         return candidates.to(weight.device).expand(num_experts, count).contiguous()
 
     def hardened(self, bank: DeltaBank) -> bool:
-        return bank.entry_positions().shape[1] <= self.count
+        return bank.selection_positions().shape[1] <= self.count
 
     def gumbel(self, step: int) -> torch.Tensor:
         """The Gumbel noise of optimiser step ``step`` (0-based), ``[E, C]``."""
@@ -121,7 +122,7 @@ class GumbelTopK(Selector):
         if self.hardened(bank) or step < _phase_step(self.harden_at, total_steps):
             return
         top = torch.topk(self.logits, self.count, dim=1).indices
-        bank.set_positions(torch.sort(torch.gather(bank.entry_positions(), 1, top), dim=1).values)
+        bank.set_positions(torch.sort(torch.gather(bank.selection_positions(), 1, top), dim=1).values)
 
     def extra_repr(self) -> str:
         return f"candidates={self.candidates}, count={self.count}, harden_at={self.harden_at}"
@@ -142,6 +143,10 @@ class SpIEL(Selector):
     forward hook on the bank and a gradient hook on its output; the ``[E, out, in]`` buffer exists
     only during that step. New entries start at value 0 (``set_positions``), so a move leaves the
     delta unchanged apart from the dropped entries.
+
+    On a bank of blocks the same happens a block at a time: the change of a block is the norm of
+    its values' change, and its gradient score the Frobenius norm of ``G_e`` over the block
+    (``bank.selection_scores``).
     """
 
     def __init__(self, start: Selector, every: int, fraction: float, until: int | float):
@@ -158,11 +163,13 @@ class SpIEL(Selector):
 
     def select(self, weight: torch.Tensor, num_experts: int, count: int, generator: torch.Generator) -> torch.Tensor:
         positions = self.start.select(weight, num_experts, count, generator)
-        self.register_buffer("last_values", torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
         self.register_buffer("progress", torch.zeros(2, dtype=torch.long))  # steps done, phase steps
         return positions
 
     def bind(self, bank: DeltaBank) -> None:
+        # the effective values at the last update, shaped as the bank's values ([E, P], or
+        # [E, nb, bh, bw] for blocks)
+        self.register_buffer("last_values", torch.zeros(bank.values.shape, dtype=torch.float32, device=bank.values.device))
         bank.register_forward_hook(self._measure)
 
     def updates_at(self, step: int, total_steps: int) -> bool:
@@ -197,15 +204,16 @@ class SpIEL(Selector):
         gradient, self._gradient = self._gradient, None
         if not self.updates_at(step, total_steps) or gradient is None:
             return
-        positions = bank.entry_positions()
+        positions = bank.selection_positions()
         experts, count = positions.shape
-        moves = min(round(self.fraction * count), bank.out_features * bank.in_features - count)
+        score = bank.selection_scores(dist.all_sum(gradient)).float()  # [E, grid]
+        moves = min(round(self.fraction * count), score.shape[1] - count)
         if moves < 1:
             return
-        values = bank.effective_values().float()
-        drop = torch.topk((values - self.last_values).abs(), moves, dim=1, largest=False).indices
-        score = dist.all_sum(gradient).abs().reshape(experts, -1).scatter_(1, positions, -math.inf)
-        grow = torch.topk(score, moves, dim=1).indices
+        change = bank.effective_values().float() - self.last_values
+        change = change.abs() if change.dim() == 2 else change.flatten(2).norm(dim=2)  # per block: its norm
+        drop = torch.topk(change, moves, dim=1, largest=False).indices
+        grow = torch.topk(score.scatter_(1, positions, -math.inf), moves, dim=1).indices
         kept = positions[torch.ones_like(positions, dtype=torch.bool).scatter_(1, drop, False)]
         moved = torch.cat([kept.view(experts, count - moves), grow], dim=1)
         bank.set_positions(torch.sort(moved, dim=1).values)
