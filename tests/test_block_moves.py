@@ -118,7 +118,7 @@ def test_gumbel_topk_on_blocks_hardens_to_whole_chosen_blocks():
 
 def test_spiel_on_blocks_grows_the_block_of_largest_gradient_norm_and_drops_the_stalest():
     out, inp = 8, 8  # a 4 x 4 grid of 2x2 blocks; 4 blocks per expert, one moves per update
-    bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25}, out, inp, density=0.25, block=BLOCK)
+    bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25, "grow": "dense"}, out, inp, density=0.25, block=BLOCK)
     start = bank.selection_positions().clone()
     assert start.shape == (EXPERTS, 4)
     free = sorted(set(range(16)) - set(start[0].tolist()))

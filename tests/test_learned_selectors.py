@@ -222,7 +222,7 @@ def test_gumbel_hardens_to_the_chosen_positions_and_the_optimiser_state_follows(
 
 def test_spiel_grows_where_the_gradient_is_large_and_drops_what_changed_least():
     out, inp = 6, 8
-    bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25}, out, inp, density=1 / 6)
+    bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25, "grow": "dense"}, out, inp, density=1 / 6)
     positions = bank.entry_positions().clone()  # 8 per expert: the top |W|, shared
     assert positions.shape == (EXPERTS, 8)
     free = sorted(set(range(out * inp)) - set(positions[0].tolist()))
@@ -379,24 +379,38 @@ def test_spiel_and_gumbel_arguments_are_checked(plugins):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_spiel_measures_the_same_gradient_under_activation_checkpointing(reentrant):
+@pytest.mark.parametrize("grow", ["dense", "candidates"])
+def test_spiel_measures_the_same_gradient_under_activation_checkpointing(reentrant, grow):
     from torch.utils.checkpoint import checkpoint
 
     measured = []
     for checkpointed in (False, True):
-        mlp = build_layer({"name": "spiel", "every": 1})
+        mlp = build_layer({"name": "spiel", "every": 1, "grow": grow})
         x = torch.randn(15, HIDDEN, generator=torch.Generator().manual_seed(4), requires_grad=True)
         y = checkpoint(mlp, x, use_reentrant=reentrant) if checkpointed else mlp(x)
         (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
-        measured.append({name: bank.selector._gradient for name, bank in mlp.banks.items()})
+        measured.append({name: measured_gradient(bank) for name, bank in mlp.banks.items()})
     for name, gradient in measured[0].items():
         assert gradient is not None and gradient.abs().sum() > 0
         torch.testing.assert_close(measured[1][name], gradient, rtol=1e-6, atol=1e-7)
 
 
-def test_spiel_measures_the_gradient_of_each_experts_dense_delta():
-    """``G_e = sum_t w_t g_t x_t^T``: the gradient of the loss with respect to a dense ``dW_e``."""
-    bank = make_bank({"name": "spiel", "every": 1}).double()
+def measured_gradient(bank) -> torch.Tensor | None:
+    """What a spiel selector measured: the dense ``[E, out, in]`` gradient (grow = "dense"), or the
+    accumulated gradient at its candidate pool, ``[E, C, k]`` in pool order."""
+    selector = bank.selector
+    if selector.grow == "dense":
+        return selector._gradient
+    _, slot = selector._pool_entries(bank)
+    return torch.gather(selector.pool_gradient, 1, slot).view(*selector.pool.shape, -1)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("grow", ["dense", "candidates"])
+def test_spiel_measures_the_gradient_of_each_experts_dense_delta(grow, block):
+    """``G_e = sum_t w_t g_t x_t^T``: the gradient of the loss with respect to a dense ``dW_e`` (at
+    every position, or at the entries of the candidate pool)."""
+    bank = make_bank({"name": "spiel", "every": 1, "grow": grow}, block=block).double()
     routing = routing_of(13, 2, 9)
     x = torch.randn(13, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     grad = torch.randn(13, INTERMEDIATE, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
@@ -404,4 +418,65 @@ def test_spiel_measures_the_gradient_of_each_experts_dense_delta():
     dense = torch.zeros(EXPERTS, INTERMEDIATE, HIDDEN, dtype=torch.float64, requires_grad=True)
     y = (routing.weights[..., None].detach() * torch.einsum("tkoi,ti->tko", dense[routing.experts], x)).sum(1)
     (expected,) = torch.autograd.grad((y * grad).sum(), dense)
-    torch.testing.assert_close(bank.selector._gradient, expected, rtol=1e-12, atol=1e-12)
+    if grow == "candidates":
+        entries = bank.selection_entries(bank.selector.pool)  # [E, C, k]
+        assert entries.shape[1] > 0
+        expected = torch.gather(expected.reshape(EXPERTS, -1), 1, entries.flatten(1)).view(entries.shape)
+    torch.testing.assert_close(measured_gradient(bank), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+def test_spiel_candidates_grow_the_largest_accumulated_gradient_in_the_pool_and_redraw_it(block):
+    """grow = "candidates": the pool holds cells no expert owns, the same for the same seed; the
+    gradient is summed over the steps of a window; growth takes the pool's largest; then a new
+    pool is drawn."""
+    selector = {"name": "spiel", "every": 2, "fraction": 0.25, "grow": "candidates", "candidates": 2}
+    bank = make_bank(selector, block=block, density=0.2)
+    twin = make_bank(selector, block=block, density=0.2)
+    pool = bank.selector.pool.clone()
+    assert torch.equal(pool, twin.selector.pool)  # a function of the seed: every process draws the same
+    count = bank.count
+    assert pool.shape == (EXPERTS, min(2 * round(0.25 * count), bank.selection_scores(torch.zeros(1, INTERMEDIATE, HIDDEN)).shape[1] - count))
+    for e in range(EXPERTS):
+        assert not bool(torch.isin(pool[e], bank.selection_positions()[e]).any())
+    with torch.no_grad():
+        bank.values.copy_(1.0 + torch.rand(bank.values.shape, generator=torch.Generator().manual_seed(1)))
+    sums = []
+    for step in (1, 2):
+        routing = routing_of(11, 2, 20 + step, dtype=torch.float32)
+        x = torch.randn(11, HIDDEN, generator=torch.Generator().manual_seed(30 + step))
+        bank(x, BankCall(routing, ForwardContext())).sum().backward()
+        sums.append(measured_gradient(bank).clone())
+        if step == 1:
+            bank.selector.after_step(bank, 1, 10, SINGLE)  # no update at step 1: the sum goes on
+            assert torch.equal(bank.selector.pool, pool)
+    assert not torch.equal(sums[1], sums[0])  # step 2 added to step 1's
+    score = sums[1].norm(dim=2)
+    moves = round(0.25 * count)
+    expected_grown = torch.sort(torch.gather(pool, 1, torch.topk(score, moves, dim=1).indices), dim=1).values
+    before = bank.selection_positions().clone()
+    bank.selector.after_step(bank, 2, 10, SINGLE)
+    after = bank.selection_positions()
+    for e in range(EXPERTS):
+        grown = after[e][~torch.isin(after[e], before[e])]
+        assert torch.equal(torch.sort(grown).values, expected_grown[e])
+        assert not bool(torch.isin(bank.selector.pool[e], after[e]).any())  # the new pool: none owned
+    assert not torch.equal(bank.selector.pool, pool) and bank.selector.pool_gradient.abs().sum() == 0
+    assert_bank_exact(bank)
+
+
+@pytest.mark.parametrize("cells", [5000, 1 << 24], ids=["permutation", "rejection"])
+def test_spiel_candidates_are_distinct_unowned_and_reproducible(cells):
+    from srde_plugins.deltas.sparse.learned import _draw_unowned
+
+    generator = torch.Generator().manual_seed(0)
+    owned = torch.sort(torch.randperm(cells, generator=generator)[:1000] if cells < 1 << 20 else
+                       torch.randint(0, cells, (1000,), generator=generator).unique()).values
+    draws = [_draw_unowned(owned, cells, 700, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    pool = draws[0]
+    assert pool.numel() == 700 and bool((pool[1:] > pool[:-1]).all()) and pool.min() >= 0 and pool.max() < cells
+    assert not bool(torch.isin(pool, owned).any())
+    # every free cell when fewer are free than asked
+    small = _draw_unowned(torch.arange(0, 10, 2), 10, 8, torch.Generator().manual_seed(1))
+    assert small.tolist() == [1, 3, 5, 7, 9]

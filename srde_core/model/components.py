@@ -170,6 +170,11 @@ class DeltaBank(nn.Module, ABC):
         :meth:`entry_positions`) or a coarser grid (blocks of entries)."""
         return self.entry_positions()
 
+    def selection_entries(self, cells: torch.Tensor) -> torch.Tensor:
+        """``[E, n] -> [E, n, k]``: the flat weight positions of each cell of the selector's grid
+        (``k = 1`` for a grid of entries, the default; ``bh * bw`` for blocks)."""
+        return cells[..., None]
+
     def selection_scores(self, dense: torch.Tensor) -> torch.Tensor:
         """A per-entry quantity ``[E, out, in]`` (e.g. each expert's dense gradient) as magnitudes
         on the selector's grid, ``[E, n_grid]``: ``|dense|`` flattened by default; a bank that

@@ -114,6 +114,18 @@ class SpielParams(Params):
     until: int | float = Field(
         0.75, description="last update: a fraction of the phase (float) or a step (int)"
     )
+    grow: Literal["candidates", "dense"] = Field(
+        "candidates",
+        description=(
+            "where the gradient that picks new entries is measured: 'candidates' (SpIEL-AG: at "
+            "`candidates` x moved entries per expert drawn after each update, accumulated until the "
+            "next; memory proportional to the entries) or 'dense' (every position, in the update "
+            "step only: an [experts, out, in] buffer, for small models)"
+        ),
+    )
+    candidates: float = Field(
+        4.0, ge=1.0, description="grow = 'candidates': candidate positions per expert, in multiples of the entries moved"
+    )
 
     _until = field_validator("until")(_phase_point)
 
@@ -148,5 +160,5 @@ def srde_register(registry):
     )
     registry.add(
         "selector", "spiel", f"{here}.learned:SpIEL.from_params", SpielParams,
-        "Learned: drop the entries that changed least, grow where the dense gradient is largest (SpIEL).",
+        "Learned: drop the entries that changed least, grow where the accumulated gradient is largest (SpIEL).",
     )

@@ -357,12 +357,17 @@ class BlockSparseDeltaBank(DeltaBank):
     def entry_positions(self) -> torch.Tensor:
         """Flat row-major positions ``[E, nb * bh * bw]`` of every entry, in the order of
         ``values.view(E, -1)`` (block by block, row-major inside a block)."""
+        return self.selection_entries(self.blocks).reshape(self.blocks.shape[0], -1).expand(self.num_experts, -1)
+
+    def selection_entries(self, cells: torch.Tensor) -> torch.Tensor:
+        """``[..., n] -> [..., n, bh * bw]``: the flat positions of each block's entries (row-major)."""
         bh, bw = self.block
-        device = self.blocks.device
-        rows = self.block_rows[..., None, None] * bh + torch.arange(bh, device=device).view(bh, 1)
-        cols = self.block_cols[..., None, None] * bw + torch.arange(bw, device=device).view(1, bw)
-        flat = (rows * self.in_features + cols).reshape(self.blocks.shape[0], -1)
-        return flat.expand(self.num_experts, -1)
+        grid_cols = self.grid_shape[1]
+        rows = torch.div(cells, grid_cols, rounding_mode="floor")[..., None, None] * bh
+        cols = (cells % grid_cols)[..., None, None] * bw
+        rows = rows + torch.arange(bh, device=cells.device).view(bh, 1)
+        cols = cols + torch.arange(bw, device=cells.device).view(1, bw)
+        return (rows * self.in_features + cols).flatten(-2)
 
     def selection_positions(self) -> torch.Tensor:
         """``[E, nb]``: the experts' blocks (flat indices into the block grid)."""

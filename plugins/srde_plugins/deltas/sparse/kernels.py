@@ -153,6 +153,31 @@ def gather_feature_major(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
     return rows.index_select(0, tokens).t().contiguous()
 
 
+def sampled_gradient(
+    x: torch.Tensor, grad_out: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, offsets: list[int],
+    structure: CSRStructure,
+) -> torch.Tensor:
+    """``[E, M]``: ``sum over e's tokens t of w_t g_t[i] x_t[j]`` at each of expert ``e``'s ``M``
+    positions ``(i, j)`` in ``structure`` (CSR order), i.e. the gradient a delta entry there would
+    get, without the dense ``[out, in]`` product (one sampled product per expert, as the kernel's
+    values gradient). Float32 (float64 for float64 inputs); no autograd."""
+    s = structure
+    dtype = compute_dtype(x, grad_out)
+    out = torch.zeros(s.num_experts, s.col.shape[1], dtype=dtype, device=x.device)
+    xs, g, w_all = x.detach().to(dtype), grad_out.detach().to(dtype), weights.detach().to(dtype)
+    with _quiet_sparse():
+        for e in range(s.num_experts):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi == lo:
+                continue
+            tok = tokens[lo:hi]
+            mask = _csr(s.crow[e], s.col[e], out.new_zeros(s.col.shape[1]), (s.out_features, s.in_features))
+            out[e] = torch.sparse.sampled_addmm(
+                mask, gather_feature_major(g, tok) * w_all[lo:hi], gather_feature_major(xs, tok).t(), beta=0.0
+            ).values()
+    return out
+
+
 class _RoutedSparseDelta(torch.autograd.Function):
     """All experts of one projection in one autograd node (see :func:`routed_sparse_delta`)."""
 

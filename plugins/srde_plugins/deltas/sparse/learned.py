@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from srde_core.model.components import DeltaBank, Selector
+from srde_plugins.deltas.sparse.kernels import build_csr_structure, sampled_gradient
 from srde_plugins.deltas.sparse.selectors import _check_request
 
 
@@ -134,58 +135,103 @@ class SpIEL(Selector):
     The entries start where the ``start`` selector puts them. After every ``every``-th optimiser
     step, up to step ``until`` (a fraction of the phase, or a step), each expert drops the
     ``n = round(fraction * P)`` entries whose effective value changed least since the last update,
-    ``|v_now - v_last|`` (new entries count from 0), and grows ``n`` entries at the positions not
-    already owned where the dense gradient of its delta is largest,
+    ``|v_now - v_last|`` (new entries count from 0), and grows ``n`` entries at positions it does
+    not own where the gradient of its delta is largest,
 
         |G_e| = |sum over e's tokens t of w_t g_t x_t^T|        (w_t: gate weight, g_t = dL/dy_t),
 
-    measured in the update step only (its micro-batches summed, then over processes), through a
-    forward hook on the bank and a gradient hook on its output; the ``[E, out, in]`` buffer exists
-    only during that step. New entries start at value 0 (``set_positions``), so a move leaves the
-    delta unchanged apart from the dropped entries.
+    measured through a forward hook on the bank and a gradient hook on its output (micro-batches
+    summed, then over processes). ``grow`` says where ``G_e`` is measured:
 
-    On a bank of blocks the same happens a block at a time: the change of a block is the norm of
-    its values' change, and its gradient score the Frobenius norm of ``G_e`` over the block
-    (``bank.selection_scores``).
+    - ``"candidates"`` (SpIEL-AG, the default): ``candidates * n`` positions per expert not owned,
+      drawn uniformly after each update (from a seed, so every process and a resumed run draw the
+      same), where ``G_e`` is accumulated over every step up to the next update; memory ``[E, C]``,
+      proportional to the entries tuned, so it scales to any weight.
+    - ``"dense"``: every position, in the update step only; exact, but an ``[E, out, in]`` buffer
+      during that step (small models).
+
+    New entries start at value 0 (``set_positions``), so a move leaves the delta unchanged apart
+    from the dropped entries. On a bank of blocks the same happens a block at a time: the change
+    of a block is the norm of its values' change, its gradient score the Frobenius norm of ``G_e``
+    over the block (``bank.selection_entries`` / ``bank.selection_scores``).
     """
 
-    def __init__(self, start: Selector, every: int, fraction: float, until: int | float):
+    def __init__(self, start: Selector, every: int, fraction: float, until: int | float, grow: str = "candidates",
+                 candidates: float = 4.0):
         super().__init__()
         self.start = start
         self.every = every
         self.fraction = fraction
         self.until = until
-        self._gradient: torch.Tensor | None = None
+        self.grow = grow
+        self.candidates = candidates
+        self._gradient: torch.Tensor | None = None  # grow = "dense": the update step's [E, out, in]
+        self._pool_structure = None  # grow = "candidates": the CSR structure of the pool's entries
 
     @classmethod
     def from_params(cls, params) -> SpIEL:
-        return cls(params.start.build(), params.every, params.fraction, params.until)
+        return cls(params.start.build(), params.every, params.fraction, params.until, params.grow, params.candidates)
 
     def select(self, weight: torch.Tensor, num_experts: int, count: int, generator: torch.Generator) -> torch.Tensor:
         positions = self.start.select(weight, num_experts, count, generator)
         self.register_buffer("progress", torch.zeros(2, dtype=torch.long))  # steps done, phase steps
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        self.register_buffer("seed", seed.cpu())
         return positions
+
+    def moves(self, count: int, cells: int) -> int:
+        """Entries each expert moves per update, of ``count`` owned in a grid of ``cells``."""
+        return min(round(self.fraction * count), cells - count)
 
     def bind(self, bank: DeltaBank) -> None:
         # the effective values at the last update, shaped as the bank's values ([E, P], or
         # [E, nb, bh, bw] for blocks)
         self.register_buffer("last_values", torch.zeros(bank.values.shape, dtype=torch.float32, device=bank.values.device))
+        if self.grow == "candidates":
+            positions = bank.selection_positions()
+            cells = _grid_cells(bank)
+            size = min(max(1, round(self.candidates * max(1, self.moves(positions.shape[1], cells)))),
+                       cells - positions.shape[1])
+            per_cell = bank.selection_entries(positions[:1, :1]).shape[-1]
+            device = positions.device
+            self.register_buffer("pool", torch.zeros(positions.shape[0], max(size, 0), dtype=torch.long, device=device))
+            self.register_buffer("pool_gradient", torch.zeros(positions.shape[0], max(size, 0) * per_cell, device=device))
+            self._draw_pool(bank, window=0)
         bank.register_forward_hook(self._measure)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._pool_structure = None  # the loaded pool's entries: rebuilt on first use
 
     def updates_at(self, step: int, total_steps: int) -> bool:
         """Whether entries move after step ``step`` (before the first step the phase length is
         unknown: 0, and only ``every`` counts)."""
         return step % self.every == 0 and (total_steps == 0 or step <= _phase_step(self.until, total_steps))
 
+    # -- measuring the gradient -------------------------------------------------------------------
+
+    def _measuring(self, step: int, total: int) -> bool:
+        """Whether optimiser step ``step + 1`` (the one being computed) feeds an update."""
+        if self.grow == "dense":
+            return self.updates_at(step + 1, total)
+        return self.pool.shape[1] > 0 and (total == 0 or step + 1 <= _phase_step(self.until, total))
+
     def _measure(self, bank: DeltaBank, args, output: torch.Tensor) -> None:
         step, total = self.progress.tolist()
         trained = any(p.requires_grad for p in bank.parameters())  # else after_step never comes
-        if not (output.requires_grad and trained and self.updates_at(step + 1, total)):
+        if not (output.requires_grad and trained and self._measuring(step, total)):
             return
         x, call = args[0].detach(), args[1]
         groups = call.routing.groups()
 
-        def accumulate(grad: torch.Tensor) -> None:
+        if self.grow == "candidates":
+            def accumulate(grad: torch.Tensor) -> None:
+                structure, _ = self._pool_entries(bank)
+                self.pool_gradient.add_(sampled_gradient(x, grad, groups.tokens, groups.weights, groups.offsets, structure))
+            output.register_hook(accumulate)
+            return
+
+        def accumulate_dense(grad: torch.Tensor) -> None:
             dtype = torch.promote_types(grad.dtype, torch.float32)
             if self._gradient is None:
                 self._gradient = grad.new_zeros(bank.num_experts, bank.out_features, bank.in_features, dtype=dtype)
@@ -196,28 +242,97 @@ class SpIEL(Selector):
                     weighted = grad[tokens].to(dtype) * groups.weights[lo:hi].detach().to(dtype)[:, None]
                     self._gradient[e].addmm_(weighted.t(), x[tokens].to(dtype))
 
-        output.register_hook(accumulate)
+        output.register_hook(accumulate_dense)
+
+    def _pool_entries(self, bank: DeltaBank):
+        """The CSR structure of the pool's entries (sorted per expert) and, per entry of the pool
+        in ``[E, C, k]`` order, its slot in that sorted order."""
+        if self._pool_structure is None:
+            entries = bank.selection_entries(self.pool).flatten(1)  # [E, C * k]
+            ordered, order = torch.sort(entries, dim=1)
+            slot = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+            self._pool_structure = (build_csr_structure(ordered, bank.out_features, bank.in_features), slot)
+        return self._pool_structure
+
+    @torch.no_grad()
+    def _draw_pool(self, bank: DeltaBank, window: int) -> None:
+        """A fresh pool of candidate cells per expert, none owned, drawn from ``seed`` and ``window``."""
+        self.pool_gradient.zero_()
+        self._pool_structure = None
+        size = self.pool.shape[1]
+        if size == 0:
+            return
+        owned = bank.selection_positions()
+        cells = _grid_cells(bank)
+        generator = torch.Generator().manual_seed(int(self.seed) + 7919 * window)
+        pools = [_draw_unowned(owned[e].cpu(), cells, size, generator) for e in range(owned.shape[0])]
+        self.pool.copy_(torch.stack(pools).to(self.pool.device))
+
+    # -- the update ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def after_step(self, bank: DeltaBank, step: int, total_steps: int, dist) -> None:
         self.progress.copy_(torch.tensor([step, total_steps]))
         gradient, self._gradient = self._gradient, None
-        if not self.updates_at(step, total_steps) or gradient is None:
+        if not self.updates_at(step, total_steps):
             return
+        if self.grow == "dense":
+            if gradient is None:
+                return
+            score = bank.selection_scores(dist.all_sum(gradient)).float()  # [E, cells]
+            cells = score.shape[1]
+        else:
+            if self.pool.shape[1] == 0:
+                return
+            _, slot = self._pool_entries(bank)
+            per_entry = torch.gather(dist.all_sum(self.pool_gradient), 1, slot).float()
+            score = per_entry.view(*self.pool.shape, -1).norm(dim=2)  # [E, C]: |G| (a block: its norm)
+            cells = None
         positions = bank.selection_positions()
         experts, count = positions.shape
-        score = bank.selection_scores(dist.all_sum(gradient)).float()  # [E, grid]
-        moves = min(round(self.fraction * count), score.shape[1] - count)
-        if moves < 1:
-            return
-        change = bank.effective_values().float() - self.last_values
-        change = change.abs() if change.dim() == 2 else change.flatten(2).norm(dim=2)  # per block: its norm
-        drop = torch.topk(change, moves, dim=1, largest=False).indices
-        grow = torch.topk(score.scatter_(1, positions, -math.inf), moves, dim=1).indices
-        kept = positions[torch.ones_like(positions, dtype=torch.bool).scatter_(1, drop, False)]
-        moved = torch.cat([kept.view(experts, count - moves), grow], dim=1)
-        bank.set_positions(torch.sort(moved, dim=1).values)
-        self.last_values.copy_(bank.effective_values())
+        moves = min(round(self.fraction * count), (cells - count) if cells is not None else score.shape[1])
+        if moves >= 1:
+            change = bank.effective_values().float() - self.last_values
+            change = change.abs() if change.dim() == 2 else change.flatten(2).norm(dim=2)  # per block: its norm
+            drop = torch.topk(change, moves, dim=1, largest=False).indices
+            if cells is not None:
+                grow = torch.topk(score.scatter_(1, positions, -math.inf), moves, dim=1).indices
+            else:
+                grow = torch.gather(self.pool, 1, torch.topk(score, moves, dim=1).indices)
+            kept = positions[torch.ones_like(positions, dtype=torch.bool).scatter_(1, drop, False)]
+            moved = torch.cat([kept.view(experts, count - moves), grow], dim=1)
+            bank.set_positions(torch.sort(moved, dim=1).values)
+            self.last_values.copy_(bank.effective_values())
+        if self.grow == "candidates":
+            self._draw_pool(bank, window=step // self.every)
 
     def extra_repr(self) -> str:
-        return f"every={self.every}, fraction={self.fraction}, until={self.until}"
+        return f"every={self.every}, fraction={self.fraction}, until={self.until}, grow={self.grow}"
+
+
+def _grid_cells(bank: DeltaBank) -> int:
+    """The number of cells of the bank's selection grid (entries, or blocks)."""
+    return bank.selection_scores(torch.empty(1, bank.out_features, bank.in_features, device="meta")).shape[1]
+
+
+def _draw_unowned(owned: torch.Tensor, cells: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct cells of ``range(cells)`` not in ``owned`` (sorted), uniformly, sorted.
+    A permutation for small grids; for large ones (``size`` and ``owned`` a small share) draws
+    with rejection, memory proportional to ``size``."""
+    free = cells - owned.numel()
+    if cells <= 1 << 22 or 4 * (size + owned.numel()) > cells:
+        order = torch.randperm(cells, generator=generator)
+        return torch.sort(order[~torch.isin(order, owned)][:size]).values
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < min(size, free):
+        draw = torch.randint(0, cells, (2 * size,), generator=generator)
+        chosen = _first_unique(torch.cat([chosen, draw[~torch.isin(draw, owned)]]), size)
+    return torch.sort(chosen).values
+
+
+def _first_unique(values: torch.Tensor, limit: int) -> torch.Tensor:
+    """The first ``limit`` distinct values of ``values``, in order of first appearance."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((unique.numel(),), values.numel(), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(values.numel()), reduce="amin")
+    return values[torch.sort(first).values[:limit]]
