@@ -129,6 +129,8 @@ def test_plan_is_within_15_percent_of_the_measured_peak(case):
     'srde.delta={name="sparse", selector={name="magnitude", assignment="interleaved"}}',
     'srde.delta={name="sparse", selector="random"}',
     'srde.delta={name="lora"}',
+    'srde.delta={name="sparse", block=[4, 4]}',
+    'srde.delta={name="sparse", block=[4, 4], selector="random"}',
 ])
 def test_the_meta_model_counts_what_a_real_model_holds(delta):
     recipe = recipe_of(MICRO, delta)
@@ -192,3 +194,26 @@ def test_srde_plan_without_a_config_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "[model.config]" in err and "model.name_or_path" in err
     assert main(["plan", MICRO, "--gpus", "0"]) == 2
+
+
+@pytest.mark.parametrize("delta", [
+    'srde.delta={name="sparse", selector={name="gumbel_topk"}}',
+    'srde.delta={name="sparse", selector={name="spiel"}}',
+    'srde.delta={name="sparse", block=[4, 4], selector={name="gumbel_topk"}}',
+    'srde.delta={name="sparse", block=[4, 4], selector={name="spiel"}}',
+])
+def test_the_meta_model_counts_a_learned_selectors_state(delta):
+    """A learned selector's parameters count as trainable (gumbel's logits over its candidates) and
+    its buffers are there; positions are planned per expert (where learned positions end up), so
+    the meta model holds at least the real one's buffers."""
+    recipe = recipe_of(MICRO, delta)
+    config = model_config(recipe, tokenizer_vocab=VOCAB)
+    meta, meta_experts = meta_model(recipe, config)
+    real = model_class(recipe.model.architecture)._from_config(config)
+    real_experts = attach_recipe_experts(real, recipe)
+    trainable = [sum(p.numel() for p in e.trainable_parameters().values()) for e in (meta_experts, real_experts)]
+    assert trainable[0] == trainable[1]
+    names = [{n for n, _ in m.named_buffers() if ".selector." in n} for m in (meta, real)]
+    assert names[0] == names[1] and names[0]
+    buffers = [sum(b.numel() * b.element_size() for b in m.buffers()) for m in (meta, real)]
+    assert buffers[0] >= buffers[1]

@@ -9,7 +9,7 @@ from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Se
 from srde_plugins.deltas.sparse import SparseDeltaParams
 from srde_plugins.deltas.sparse.block import make_block_bank
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
-from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters, stored_rows
 
 
 def position_count(density: float, out_features: int, in_features: int) -> int:
@@ -52,7 +52,7 @@ class SparseDeltaBank(DeltaBank):
         self.in_features = in_features
         self.init_importance = init_importance
         self.cache_inputs = cache_inputs
-        self.register_buffer("positions", _stored_rows(positions))
+        self.register_buffer("positions", stored_rows(positions))
         self.register_buffer("active", torch.ones(positions.shape, dtype=torch.bool, device=positions.device))
         self.values = nn.Parameter(torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
         self.importance = nn.Parameter(
@@ -187,7 +187,7 @@ class SparseDeltaBank(DeltaBank):
         index = move_index(self.positions, positions)
         new_active = moved(self.active, index, True)
         remaps = move_parameters(self, index, {"values": 0.0, "importance": self.init_importance})
-        self.positions = _stored_rows(positions)
+        self.positions = stored_rows(positions)
         self.active = new_active
         self._masked = not bool(new_active.all())
         self._rebuild_structure()
@@ -205,12 +205,12 @@ class SparseDeltaBank(DeltaBank):
         # Derived from positions: not saved (persistent=False) and rebuilt whenever they change;
         # a structure shared by all experts is stored as its one row.
         for name in CSRStructure.INDEX_FIELDS:
-            self.register_buffer(f"csr_{name}", _stored_rows(getattr(s, name)), persistent=False)
+            self.register_buffer(f"csr_{name}", stored_rows(getattr(s, name)), persistent=False)
 
     def _rebuild_structure(self) -> None:
         s = build_csr_structure(self.positions, self.out_features, self.in_features)
         for name in CSRStructure.INDEX_FIELDS:
-            setattr(self, f"csr_{name}", _stored_rows(getattr(s, name)))
+            setattr(self, f"csr_{name}", stored_rows(getattr(s, name)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "positions")
@@ -220,7 +220,7 @@ class SparseDeltaBank(DeltaBank):
                 self._resize(saved.shape[1])
             # [E, P] (older adapters, or experts with their own positions) or [1, P] (shared):
             # stored once when the rows agree; the buffer takes the saved form before the copy.
-            saved = _stored_rows(saved.expand(self.num_experts, -1))
+            saved = stored_rows(saved.expand(self.num_experts, -1))
             state_dict[prefix + "positions"] = saved
             self.positions = torch.empty(saved.shape, dtype=torch.long, device=self._buffers["positions"].device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -233,14 +233,6 @@ class SparseDeltaBank(DeltaBank):
             f"experts={self.num_experts}, out={self.out_features}, in={self.in_features}, "
             f"positions={self.count}"
         )
-
-
-def _stored_rows(index: torch.Tensor) -> torch.Tensor:
-    """``index`` ``[E, ...]`` as it is stored: its first row ``[1, ...]`` when every row is the
-    same (experts that share positions), else itself."""
-    if index.shape[0] > 1 and (index.stride(0) == 0 or (not index.is_meta and bool((index == index[:1]).all()))):
-        return index[:1].clone()
-    return index
 
 
 def _checked_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
@@ -267,6 +259,7 @@ def select_positions(selector: Selector, weight: torch.Tensor, num_experts: int,
     out_features, in_features = weight.shape
     count = selector.plan_count(position_count(density, out_features, in_features), out_features * in_features)
     if weight.is_meta:
+        selector.select(weight, num_experts, count, generator)  # a learned selector's state (its shapes count)
         shared = getattr(selector, "assignment", None) == "shared"
         positions = torch.empty(1 if shared else num_experts, count, dtype=torch.long, device="meta")
         return positions.expand(num_experts, count)

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from srde_core.errors import SRDEError
 from srde_core.model.components import BankCall, DeltaBank, Remap, Selector
 from srde_plugins.deltas.sparse.kernels import compute_dtype, gather_feature_major
-from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters, stored_rows
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -51,14 +51,6 @@ def check_block(block: tuple[int, int], out_features: int, in_features: int) -> 
             f"out must be a multiple of {bh} and in of {bw}",
             key="srde.delta.block",
         )
-
-
-def compact_rows(index: torch.Tensor) -> torch.Tensor:
-    """``index`` ``[E, n]`` as ``[1, n]`` when every row is the same (shared positions are stored
-    once), else unchanged."""
-    if index.shape[0] > 1 and not index.is_meta and bool((index == index[:1]).all()):
-        return index[:1].clone()
-    return index
 
 
 #: Blocks of at least this many entries move as ``(token, block)`` slabs; smaller ones through whole
@@ -305,7 +297,7 @@ class BlockSparseDeltaBank(DeltaBank):
         if blocks.dim() != 2 or blocks.shape[0] not in (1, num_experts) or blocks.shape[1] < 1:
             raise ValueError(f"blocks must be [{num_experts} or 1, count], got {tuple(blocks.shape)}")
         blocks = self._checked(blocks)
-        self.register_buffer("blocks", compact_rows(blocks).contiguous())
+        self.register_buffer("blocks", stored_rows(blocks).contiguous())
         shape = (num_experts, blocks.shape[1], bh, bw)
         self.register_buffer("active", torch.ones(shape[:2], dtype=torch.bool, device=blocks.device))
         self.values = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=blocks.device))
@@ -443,7 +435,7 @@ class BlockSparseDeltaBank(DeltaBank):
         index = move_index(self.selection_positions(), positions)
         new_active = moved(self.active, index, True)
         remaps = move_parameters(self, index, {"values": 0.0, "importance": self.init_importance})
-        self.blocks = compact_rows(positions).contiguous()
+        self.blocks = stored_rows(positions).contiguous()
         self.active = new_active
         self._masked = not bool(new_active.all())
         self._register_grid()
@@ -483,7 +475,9 @@ def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_expert
     grid_shape = (out_features // block[0], in_features // block[1])
     count = selector.plan_count(position_count(params.density, *grid_shape), grid_shape[0] * grid_shape[1])
     if weight.is_meta:
-        blocks = torch.empty(num_experts, count, dtype=torch.long, device="meta")
+        selector.select(block_norms(weight, block), num_experts, count, generator)  # a learned selector's state
+        shared = getattr(selector, "assignment", None) == "shared"  # as in select_positions
+        blocks = torch.empty(1 if shared else num_experts, count, dtype=torch.long, device="meta").expand(num_experts, count)
     else:
         blocks = selector.select(block_norms(weight, block), num_experts, count, generator)
     if tuple(blocks.shape) != (num_experts, count):

@@ -260,7 +260,7 @@ class SpIEL(Selector):
         self.pool_gradient.zero_()
         self._pool_structure = None
         size = self.pool.shape[1]
-        if size == 0:
+        if size == 0 or self.pool.is_meta:  # a model built to be measured
             return
         owned = bank.selection_positions()
         cells = _grid_cells(bank)

@@ -1,5 +1,5 @@
-"""Moving a sparse bank's entries: what both the entry bank and the block bank do in
-``set_positions``, ``prune`` and a resize on load.
+"""How a sparse bank stores and moves its entries: rows shared by every expert stored once, and what
+both the entry bank and the block bank do in ``set_positions``, ``prune`` and a resize on load.
 
 Positions are sorted per expert, so where each new position sat among the old ones is one
 ``searchsorted``; every per-position tensor (``[E, P]`` for entries, ``[E, nb, bh, bw]`` for blocks)
@@ -66,3 +66,11 @@ def keep_active(active: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     if bool((counts != counts[0]).any()):
         raise ValueError("experts have different numbers of active entries; cannot prune to one size")
     return positions[active].view(active.shape[0], int(counts[0]))
+
+
+def stored_rows(index: torch.Tensor) -> torch.Tensor:
+    """``index`` ``[E, ...]`` as it is stored: its first row ``[1, ...]`` when every row is the
+    same (experts that share positions), else itself."""
+    if index.shape[0] > 1 and (index.stride(0) == 0 or (not index.is_meta and bool((index == index[:1]).all()))):
+        return index[:1].clone()
+    return index
