@@ -113,6 +113,15 @@ class ComponentChoice:
             raise PluginError(f"{self.kind} '{self.name}' was not resolved against the registries")
         return self.component.build(self.params, **context)
 
+    def nested(self) -> Iterator[ComponentChoice]:
+        """This choice and every choice held in its params, depth first (a delta's selector, a
+        selector's starting selector, ...)."""
+        yield self
+        for name in type(self.params).model_fields:
+            value = getattr(self.params, name)
+            if isinstance(value, ComponentChoice):
+                yield from value.nested()
+
     def describe(self) -> dict[str, Any]:
         data = {"name": self.name, **describe_params(self.params)}
         if self.weight is not None:

@@ -276,6 +276,8 @@ def test_engine_deepspeed_without_the_package_says_how_to_install_it(plugins, mo
      "reads partitioned values"),
     (["engine.offload_params=true"], "offload_params needs zero_stage = 3"),
     (["phases.experts.on_nonfinite=\"skip\""], "cannot drop a step's update"),
+    (['srde.delta={ name = "sparse", selector = { name = "spiel" } }'], "selector 'spiel' moves the experts' entries"),
+    (['srde.delta={ name = "sparse", block = [4, 4], selector = "gumbel_topk" }'], "selector 'gumbel_topk' moves"),
 ])
 def test_combinations_deepspeed_cannot_train_are_refused_before_any_work(plugins, overrides, match):
     from srde_core.errors import SRDEError

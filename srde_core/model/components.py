@@ -46,6 +46,9 @@ class Selector(nn.Module, ABC):
 
     #: Names of this selector's parameters that train (saved with the adapter either way).
     trainable_names: tuple[str, ...] = ()
+    #: Whether :meth:`after_step` moves entries (``bank.set_positions``): an engine that cannot follow
+    #: parameters that move refuses such a selector before any work.
+    moves_entries: bool = False
 
     def plan_count(self, count: int, numel: int) -> int:
         """Told once, before :meth:`select`, that each expert should end with ``count`` of the

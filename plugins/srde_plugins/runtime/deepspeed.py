@@ -193,6 +193,13 @@ class DeepSpeedEngine(Engine):
                     "use on_nonfinite = \"stop\" or engine = \"ddp\"",
                     source=str(run.recipe.path), key=f"phases[{phase.index}].on_nonfinite",
                 )
+        for choice in run.recipe.srde.delta.nested():
+            if choice.kind == "selector" and getattr(choice.build(), "moves_entries", False):
+                raise SRDEError(
+                    f"selector '{choice.name}' moves the experts' entries during training, which engine "
+                    "'deepspeed' cannot follow (ZeRO keeps the parameters it was given); use engine = \"ddp\"",
+                    source=str(run.recipe.path), key="srde.delta.selector",
+                )
         try:
             sparsity = run.recipe.settings("adaptive_sparsity")
         except KeyError:  # the plugin is not installed

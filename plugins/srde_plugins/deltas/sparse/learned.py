@@ -61,6 +61,7 @@ class GumbelTopK(Selector):
     """
 
     trainable_names = ("logits",)
+    moves_entries = True
 
     def __init__(self, candidates: float, temperature, harden_at: int | float):
         super().__init__()
@@ -155,6 +156,8 @@ class SpIEL(Selector):
     of a block is the norm of its values' change, its gradient score the Frobenius norm of ``G_e``
     over the block (``bank.selection_entries`` / ``bank.selection_scores``).
     """
+
+    moves_entries = True
 
     def __init__(self, start: Selector, every: int, fraction: float, until: int | float, grow: str = "candidates",
                  candidates: float = 4.0):
