@@ -119,3 +119,17 @@ def test_every_density_schedule_says_when_it_is_done(plugins, schedule):
     assert built.done(30, 30)
     fresh = resolve_component(plugins, "schedule", spec).build()
     assert not fresh.done(0, 30)
+
+
+@pytest.mark.parametrize("selector", ['{ name = "spiel" }', '{ name = "gumbel_topk" }'])
+def test_adaptive_sparsity_with_a_selector_that_moves_entries_is_refused_before_any_work(tmp_path, plugins, micro_recipe, selector):
+    from conftest import run_recipe_in
+
+    from srde_core.errors import SRDEError
+
+    overrides = [f'srde.delta={{ name = "sparse", density = 0.2, block = [4, 4], selector = {selector} }}',
+                 "plugins.adaptive_sparsity.enabled=true"]
+    with pytest.raises(SRDEError, match=r"plugins.adaptive_sparsity: adaptive sparsity and selector '\w+' would both") as err:
+        run_recipe_in(tmp_path, micro_recipe, plugins, overrides)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "runs").exists()

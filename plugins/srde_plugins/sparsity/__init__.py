@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from srde_core.errors import SRDEError
 from srde_core.hookspecs import hookimpl
 from srde_core.params import Params, component
 from srde_core.registry import ComponentChoice
@@ -48,6 +49,13 @@ def srde_run_header(recipe):
     settings = recipe.settings("adaptive_sparsity")
     if not settings.enabled:
         return None
+    for choice in recipe.srde.delta.nested():
+        if choice.kind == "selector" and getattr(choice.build(), "moves_entries", False):
+            raise SRDEError(
+                f"adaptive sparsity and selector '{choice.name}' would both decide which entries each expert "
+                "keeps; use one of them",
+                source=str(recipe.path), key="plugins.adaptive_sparsity",
+            )
     return [f"adaptive sparsity: density {settings.density.name} schedule, prune {'on' if settings.prune else 'off'}"]
 
 
