@@ -480,3 +480,13 @@ def test_spiel_candidates_are_distinct_unowned_and_reproducible(cells):
     # every free cell when fewer are free than asked
     small = _draw_unowned(torch.arange(0, 10, 2), 10, 8, torch.Generator().manual_seed(1))
     assert small.tolist() == [1, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize("grow", ["dense", "candidates"])
+def test_spiel_on_a_bank_that_owns_every_position_does_not_move(grow):
+    bank = make_bank({"name": "spiel", "every": 1, "grow": grow}, density=1.0)
+    before = bank.entry_positions().clone()
+    routing = routing_of(7, 2, 1, dtype=torch.float32)
+    bank(torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(2)), BankCall(routing, ForwardContext())).sum().backward()
+    bank.selector.after_step(bank, 1, 10, SINGLE)
+    assert torch.equal(bank.entry_positions(), before) and bank.count == INTERMEDIATE * HIDDEN

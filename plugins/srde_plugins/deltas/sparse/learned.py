@@ -279,26 +279,25 @@ class SpIEL(Selector):
         gradient, self._gradient = self._gradient, None
         if not self.updates_at(step, total_steps):
             return
+        positions = bank.selection_positions()
+        experts, count = positions.shape
         if self.grow == "dense":
             if gradient is None:
                 return
             score = bank.selection_scores(dist.all_sum(gradient)).float()  # [E, cells]
-            cells = score.shape[1]
+            moves = self.moves(count, score.shape[1])
         else:
-            if self.pool.shape[1] == 0:
+            if self.pool.shape[1] == 0:  # every cell is owned: nowhere to grow
                 return
             _, slot = self._pool_entries(bank)
             per_entry = torch.gather(dist.all_sum(self.pool_gradient), 1, slot).float()
             score = per_entry.view(*self.pool.shape, -1).norm(dim=2)  # [E, C]: |G| (a block: its norm)
-            cells = None
-        positions = bank.selection_positions()
-        experts, count = positions.shape
-        moves = min(round(self.fraction * count), (cells - count) if cells is not None else score.shape[1])
+            moves = min(self.moves(count, _grid_cells(bank)), score.shape[1])
         if moves >= 1:
             change = bank.effective_values().float() - self.last_values
             change = change.abs() if change.dim() == 2 else change.flatten(2).norm(dim=2)  # per block: its norm
             drop = torch.topk(change, moves, dim=1, largest=False).indices
-            if cells is not None:
+            if self.grow == "dense":
                 grow = torch.topk(score.scatter_(1, positions, -math.inf), moves, dim=1).indices
             else:
                 grow = torch.gather(self.pool, 1, torch.topk(score, moves, dim=1).indices)
