@@ -93,7 +93,6 @@ class Dist:
             import torch.distributed as td
 
             if td.is_initialized():
-                td.barrier()  # no process leaves while another still talks to it
                 td.destroy_process_group()
 
 

@@ -402,7 +402,8 @@ def measured_gradient(bank) -> torch.Tensor | None:
     if selector.grow == "dense":
         return selector._gradient
     _, slot = selector._pool_entries(bank)
-    return torch.gather(selector.pool_gradient, 1, slot).view(*selector.pool.shape, -1)
+    total = selector.pool_gradient if selector._local_gradient is None else selector.pool_gradient + selector._local_gradient
+    return torch.gather(total, 1, slot).view(*selector.pool.shape, -1)  # this step's sum not yet committed
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)

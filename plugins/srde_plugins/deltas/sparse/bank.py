@@ -259,7 +259,8 @@ def select_positions(selector: Selector, weight: torch.Tensor, num_experts: int,
     out_features, in_features = weight.shape
     count = selector.plan_count(position_count(density, out_features, in_features), out_features * in_features)
     if weight.is_meta:
-        selector.select(weight, num_experts, count, generator)  # a learned selector's state (its shapes count)
+        if selector.moves_entries:
+            selector.select(weight, num_experts, count, generator)  # a learned selector's state (its shapes count)
         shared = getattr(selector, "assignment", None) == "shared"
         positions = torch.empty(1 if shared else num_experts, count, dtype=torch.long, device="meta")
         return positions.expand(num_experts, count)

@@ -475,7 +475,8 @@ def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_expert
     grid_shape = (out_features // block[0], in_features // block[1])
     count = selector.plan_count(position_count(params.density, *grid_shape), grid_shape[0] * grid_shape[1])
     if weight.is_meta:
-        selector.select(block_norms(weight, block), num_experts, count, generator)  # a learned selector's state
+        if selector.moves_entries:
+            selector.select(block_norms(weight, block), num_experts, count, generator)  # a learned selector's state
         shared = getattr(selector, "assignment", None) == "shared"  # as in select_positions
         blocks = torch.empty(1 if shared else num_experts, count, dtype=torch.long, device="meta").expand(num_experts, count)
     else:

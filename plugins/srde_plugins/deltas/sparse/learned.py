@@ -170,6 +170,9 @@ class SpIEL(Selector):
         self.candidates = candidates
         self._gradient: torch.Tensor | None = None  # grow = "dense": the update step's [E, out, in]
         self._pool_structure = None  # grow = "candidates": the CSR structure of the pool's entries
+        # this process's sum of the current step; added, summed over processes, to ``pool_gradient``
+        # after the step, so the saved buffer is the global sum on every process (exact resume)
+        self._local_gradient: torch.Tensor | None = None
 
     @classmethod
     def from_params(cls, params) -> SpIEL:
@@ -230,7 +233,12 @@ class SpIEL(Selector):
         if self.grow == "candidates":
             def accumulate(grad: torch.Tensor) -> None:
                 structure, _ = self._pool_entries(bank)
-                self.pool_gradient.add_(sampled_gradient(x, grad, groups.tokens, groups.weights, groups.offsets, structure))
+                step_sum = sampled_gradient(x, grad, groups.tokens, groups.weights, groups.offsets, structure)
+                # a non-finite step (skipped by on_nonfinite = "skip") must not decide the growth
+                local = self._local_gradient
+                if local is None:
+                    local = self._local_gradient = torch.zeros_like(self.pool_gradient)
+                local.add_(torch.nan_to_num(step_sum, nan=0.0, posinf=0.0, neginf=0.0).to(local.dtype))
             output.register_hook(accumulate)
             return
 
@@ -261,6 +269,7 @@ class SpIEL(Selector):
     def _draw_pool(self, bank: DeltaBank, window: int) -> None:
         """A fresh pool of candidate cells per expert, none owned, drawn from ``seed`` and ``window``."""
         self.pool_gradient.zero_()
+        self._local_gradient = None
         self._pool_structure = None
         size = self.pool.shape[1]
         if size == 0 or self.pool.is_meta:  # a model built to be measured
@@ -277,6 +286,11 @@ class SpIEL(Selector):
     def after_step(self, bank: DeltaBank, step: int, total_steps: int, dist) -> None:
         self.progress.copy_(torch.tensor([step, total_steps]))
         gradient, self._gradient = self._gradient, None
+        if self.grow == "candidates":
+            local, self._local_gradient = self._local_gradient, None
+            if dist.distributed or local is not None:  # every process takes part in the sum
+                local = local if local is not None else torch.zeros_like(self.pool_gradient)
+                self.pool_gradient.add_(dist.all_sum(local).to(self.pool_gradient.dtype))
         if not self.updates_at(step, total_steps):
             return
         positions = bank.selection_positions()
@@ -290,7 +304,7 @@ class SpIEL(Selector):
             if self.pool.shape[1] == 0:  # every cell is owned: nowhere to grow
                 return
             _, slot = self._pool_entries(bank)
-            per_entry = torch.gather(dist.all_sum(self.pool_gradient), 1, slot).float()
+            per_entry = torch.gather(self.pool_gradient, 1, slot).float()  # already summed over processes
             score = per_entry.view(*self.pool.shape, -1).norm(dim=2)  # [E, C]: |G| (a block: its norm)
             moves = min(self.moves(count, _grid_cells(bank)), score.shape[1])
         if moves >= 1:
