@@ -9,7 +9,7 @@ from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Se
 from srde_plugins.deltas.sparse import SparseDeltaParams
 from srde_plugins.deltas.sparse.block import make_block_bank
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
-from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters, stored_rows
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, stored_rows
 
 
 def position_count(density: float, out_features: int, in_features: int) -> int:
@@ -58,11 +58,7 @@ class SparseDeltaBank(DeltaBank):
         self.importance = nn.Parameter(
             torch.full(positions.shape, float(init_importance), dtype=torch.float32, device=positions.device)
         )
-        owns_state = selector is not None and any(True for _ in selector.state_dict())
-        self.selector = selector if owns_state else None
-        self.trainable_names = ("values", "importance") + (
-            tuple(f"selector.{name}" for name in selector.trainable_names) if owns_state else ()
-        )
+        keep_selector(self, selector)
         self._masked = False
         self._register_structure()
         if self.selector is not None:

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from srde_core.errors import SRDEError
 from srde_core.model.components import BankCall, DeltaBank, Remap, Selector
 from srde_plugins.deltas.sparse.kernels import compute_dtype, gather_feature_major
-from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, resize_parameters, stored_rows
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, stored_rows
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -302,11 +302,7 @@ class BlockSparseDeltaBank(DeltaBank):
         self.register_buffer("active", torch.ones(shape[:2], dtype=torch.bool, device=blocks.device))
         self.values = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=blocks.device))
         self.importance = nn.Parameter(torch.full(shape, float(init_importance), dtype=torch.float32, device=blocks.device))
-        owns_state = selector is not None and any(True for _ in selector.state_dict())
-        self.selector = selector if owns_state else None
-        self.trainable_names = ("values", "importance") + (
-            tuple(f"selector.{name}" for name in selector.trainable_names) if owns_state else ()
-        )
+        keep_selector(self, selector)
         self._masked = False
         self._register_grid()
         if self.selector is not None:

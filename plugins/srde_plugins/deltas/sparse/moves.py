@@ -74,3 +74,13 @@ def stored_rows(index: torch.Tensor) -> torch.Tensor:
     if index.shape[0] > 1 and (index.stride(0) == 0 or (not index.is_meta and bool((index == index[:1]).all()))):
         return index[:1].clone()
     return index
+
+
+def keep_selector(bank: nn.Module, selector) -> None:
+    """Keep ``selector`` as the bank's submodule ``selector`` when it owns state (a learned one: it
+    trains and saves with the bank), and list the bank's trainable names with the selector's."""
+    owns_state = selector is not None and any(True for _ in selector.state_dict())
+    bank.selector = selector if owns_state else None
+    bank.trainable_names = ("values", "importance") + (
+        tuple(f"selector.{name}" for name in selector.trainable_names) if owns_state else ()
+    )
