@@ -8,7 +8,8 @@ import torch
 from transformers import Ministral3Config, Ministral3ForCausalLM
 
 from srde_core.dist import SINGLE
-from srde_core.model.build import attach_recipe_experts
+from srde_core.model.build import attach_recipe_experts, enable_checkpointing
+from srde_core.model.context import ForwardContext
 from srde_core.recipe import load_recipe
 from srde_core.train.engine import BackboneForward
 from srde_core.train.objective import Objective, router_statistics
@@ -26,7 +27,7 @@ def experts_model(plugins, recipe, checkpointing: bool):
         for name, p in experts.trainable_parameters().items():
             p.add_(0.05 * torch.randn_like(p))
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model, experts
 
@@ -61,3 +62,24 @@ def test_router_statistics_are_bounded(plugins, micro_recipe):
     num_experts = recipe.srde.layout.params.num_experts
     assert 1 / num_experts <= stats["router_max_load"] <= 1.0
     assert 0.0 <= stats["router_entropy"] <= torch.log(torch.tensor(float(num_experts))).item() + 1e-6
+
+
+def test_forced_routing_survives_the_recomputation(plugins, micro_recipe):
+    """Phase 1 forces each example to its domain's expert through the forward context; the
+    recomputation in backward runs after that context closed and must route as the forward did
+    (it used to fall back to the router: a CheckpointError on the saved-tensor count)."""
+    recipe = load_recipe(micro_recipe, plugins)
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    domains = torch.tensor([0, 1, 1, 0])
+    results = []
+    for checkpointing in (False, True):
+        model, experts = experts_model(plugins, recipe, checkpointing)
+        forced = {plan.layer: domains % plan.num_experts for plan in experts.plans}
+        with experts.forward_context(ForwardContext(domain_ids=domains, forced_experts=forced)):
+            hidden = BackboneForward(model)(input_ids=ids, attention_mask=torch.ones_like(ids))
+        hidden.pow(2).mean().backward()
+        results.append({n: p.grad.clone() for n, p in experts.trainable_parameters().items() if p.grad is not None})
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys() and any(name.startswith("banks.") for name in plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7)

@@ -92,11 +92,24 @@ def build_base_model(run):
     model.to(run.device)  # a no-op where the parameters were created there
     model.config.use_cache = False
     if spec.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     impl = getattr(model.config, "_attn_implementation", spec.attn_implementation)
     note = " (flash-attn needs CUDA)" if run.device.type == "cpu" and impl == "sdpa" else ""
     run.log(f"attention: {impl}{note}; base parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer, with SRDE's forward contexts re-entered in
+    the recomputation (:func:`srde_core.model.context.checkpointing_kwargs`). transformers before
+    ``activation_checkpointing_enable`` (5.17 and older) names it ``gradient_checkpointing_enable``."""
+    from srde_core.model.context import checkpointing_kwargs
+
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpointing_kwargs())
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
 
 
 def _construct(run, cls, spec, dtype, kwargs):

@@ -14,8 +14,9 @@ under gradient checkpointing cannot count anything twice.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,11 +76,17 @@ class ForwardContext:
         return [self.routings[i] for i in sorted(self.routings)]
 
 
+#: Every live slot, so that a checkpointed layer's recomputation can re-enter the contexts its
+#: forward ran in (see :func:`checkpoint_context_fn`).
+_LIVE_SLOTS: weakref.WeakSet[ContextSlot] = weakref.WeakSet()
+
+
 class ContextSlot:
     """Holds the context of the forward in progress; one slot is shared by a model's SRDE layers."""
 
     def __init__(self) -> None:
         self.current: ForwardContext | None = None
+        _LIVE_SLOTS.add(self)
 
     @contextmanager
     def using(self, context: ForwardContext) -> Iterator[ForwardContext]:
@@ -88,3 +95,28 @@ class ContextSlot:
             yield context
         finally:
             self.current = previous
+
+
+@contextmanager
+def _reenter(contexts: list[tuple[ContextSlot, ForwardContext]]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for slot, context in contexts:
+            stack.enter_context(slot.using(context))
+        yield
+
+
+def checkpoint_context_fn():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint`` (non-reentrant): the recomputation
+    of a checkpointed layer in backward runs after the forward's context has closed, so it re-enters
+    the contexts that were open when the layer ran forward (forced experts, domain ids, budgets ...);
+    otherwise the recomputed layer would route differently from the forward it replays.
+
+    Returned pair: (context for the forward, context for the recomputation)."""
+    open_now = [(slot, slot.current) for slot in list(_LIVE_SLOTS) if slot.current is not None]
+    return nullcontext(), _reenter(open_now)
+
+
+def checkpointing_kwargs() -> dict[str, object]:
+    """What SRDE passes to ``torch.utils.checkpoint.checkpoint`` through transformers'
+    ``activation_checkpointing_enable``: non-reentrant, re-entering the forward contexts."""
+    return {"use_reentrant": False, "context_fn": checkpoint_context_fn}
