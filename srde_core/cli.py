@@ -175,9 +175,9 @@ def cmd_plan(args) -> int:
 
     vocab = None
     if not recipe.model.name_or_path and "vocab_size" not in recipe.model.config:
-        from srde_core.data.tokenizer import load_tokenizer
+        from srde_core.data.loading import recipe_tokenizer
 
-        vocab = load_tokenizer(recipe.tokenizer, base_dir=recipe.base_dir, source=str(recipe.path)).vocab_size
+        vocab = recipe_tokenizer(recipe).vocab_size
     plan = plan_memory(recipe, gpus=args.gpus, phase=args.phase, tokenizer_vocab=vocab)
     print_plan(plan, _console(), gpu_memory_gib=args.gpu_memory)
     return 0
@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     for command in sub.choices.values():  # also accepted after the command: srde run x.toml --debug
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    # The deepspeed launcher (and torch.distributed.launch) pass --local_rank=N before the command.
+    for command in (parser, sub.choices["run"]):
+        command.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
     return parser
 
 
@@ -293,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, --version, or a mistake already printed in one line
         return done.code if isinstance(done.code, int) else 0
+    if getattr(args, "local_rank", None) is not None:  # a launcher's --local_rank: what LOCAL_RANK says
+        import os
+
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         return args.func(args)
     except SRDEError as err:

@@ -70,6 +70,7 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool, inputs: 
     write_json_atomic(
         run_dir / RECIPE_FILE,
         {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "base_dir": str(recipe.base_dir),
+         "path_bases": dict(recipe.path_bases),
          "recipe": recipe.resolved, **(inputs or {})},
     )
     return run_dir
@@ -460,7 +461,7 @@ def open_finished_run(run_dir: str | Path, console, *, device: str | None = None
         resolved["cache_dir"] = str(Path(started_in) / cache_dir)
     resolved["data"] = _explicit_columns(dict(resolved.get("data") or {}), stored.get("columns_explicit"))
     plugins = load_plugins()
-    recipe = recipe_from_resolved(resolved, stored["path"], plugins, stored.get("base_dir"))
+    recipe = recipe_from_resolved(resolved, stored["path"], plugins, stored.get("base_dir"), stored.get("path_bases"))
     adapter = run_dir / ADAPTER_FILE
     trained_experts = base.get("adapter", any(p.trainer.name != "base_pretrain" for p in recipe.phases))
     if experts and trained_experts and not adapter.is_file():

@@ -20,8 +20,8 @@ def load_run_data(run):
     from srde_core.data.tokenizer import load_tokenizer
 
     recipe = run.recipe
-    tokenizer = load_tokenizer(recipe.tokenizer, base_dir=recipe.base_dir, source=str(recipe.path))
-    bundle = load_data(recipe.data, tokenizer, recipe.cache_dir, base_dir=recipe.base_dir)
+    tokenizer = recipe_tokenizer(recipe)
+    bundle = load_data(data_with_paths(recipe), tokenizer, recipe.cache_dir, base_dir=recipe.base_for("data.hf_name"))
     state = "cached" if bundle.cache_hit else "tokenised"
     eval_rows = len(bundle.eval) if bundle.eval is not None else 0
     run.log(
@@ -30,6 +30,30 @@ def load_run_data(run):
     )
     check_labels(run, bundle, tokenizer)
     return tokenizer, bundle
+
+
+def recipe_tokenizer(recipe):
+    """The tokenizer of ``recipe``: its ``[tokenizer]`` table, paths from where the recipe set them;
+    ``from_model`` reads the model's own tokenizer file (its local directory, or the hub id's)."""
+    from srde_core.data.tokenizer import load_tokenizer
+
+    model = None
+    if recipe.tokenizer.from_model:
+        from srde_core.model.build import model_location
+
+        model = model_location(recipe)
+    return load_tokenizer(recipe.tokenizer, base_dir=recipe.base_for("tokenizer.file"), source=str(recipe.path),
+                          model=model)
+
+
+def data_with_paths(recipe):
+    """``recipe.data`` with relative ``train_files`` / ``eval_files`` resolved where the recipe set them."""
+    from srde_core.data.sources import resolve_paths
+
+    data = recipe.data
+    return data.model_copy(update={
+        key: [str(p) for p in resolve_paths(getattr(data, key), recipe.base_for(f"data.{key}"))]
+        for key in ("train_files", "eval_files")})
 
 
 def check_labels(run, bundle, tokenizer) -> None:

@@ -19,11 +19,17 @@ class TokenizerParams(Params):
         description="mistral-common: a path, or the name of a file shipped in mistral_common/data",
     )
     name_or_path: str | None = Field(None, description="hf: hub id or local directory")
+    from_model: bool = Field(
+        False, description="mistral-common: the model's own tokenizer file (tekken.json of model.name_or_path, "
+        "a local checkpoint directory or a hub id) instead of `file`",
+    )
 
     @model_validator(mode="after")
     def _hf_needs_name(self) -> TokenizerParams:
         if self.kind == "hf" and not self.name_or_path:
             raise ValueError("kind 'hf' needs name_or_path")
+        if self.from_model and self.kind != "mistral-common":
+            raise ValueError("from_model reads a mistral-common tokenizer file; with kind 'hf' set name_or_path")
         return self
 
 

@@ -151,8 +151,41 @@ def _resolve_file(file: str, base_dir: Path | None) -> Path | None:
     return None
 
 
+def _model_tokenizer_file(model: str | None, source: str | None) -> Path:
+    """``from_model``: the tokenizer file of the model at ``model`` (a local checkpoint directory,
+    or a hub id: its file from the local HF cache, or downloaded where the network allows)."""
+    if not model:
+        raise DataError("from_model needs model.name_or_path (a model built from its config has no tokenizer file)",
+                        source=source, key="tokenizer.from_model")
+    local = Path(model).expanduser()
+    if local.is_dir():
+        found = _resolve_file(str(local), None)
+        if found is None:
+            raise DataError(f"'{local}' holds no {' or '.join(CHECKPOINT_TOKENIZER_FILES)}", source=source,
+                            key="tokenizer.from_model")
+        return found
+    import os
+
+    from huggingface_hub import hf_hub_download
+
+    # The local HF cache first; the network only where it is not switched off (HF_HUB_OFFLINE),
+    # so an offline machine gets its one line at once instead of after retries.
+    online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+    errors = []
+    for local_only in (True, False) if online else (True,):
+        for name in CHECKPOINT_TOKENIZER_FILES:
+            try:
+                return Path(hf_hub_download(model, name, local_files_only=local_only, etag_timeout=5))
+            except Exception as err:  # noqa: BLE001 - missing file, no network, unknown repo
+                errors.append(_first_line(err))
+    where = "in the local HF cache" if not online else "in the local HF cache or on the hub"
+    raise DataError(f"no tokenizer file of model '{model}' found {where} ({errors[-1]})",
+                    source=source, key="tokenizer.from_model")
+
+
 def load_tokenizer(
-    params: TokenizerParams, base_dir: str | Path | None = None, *, source: str | None = None
+    params: TokenizerParams, base_dir: str | Path | None = None, *, source: str | None = None,
+    model: str | None = None,
 ) -> Tokenizer:
     """The tokenizer a recipe's ``[tokenizer]`` table names.
 
@@ -164,7 +197,7 @@ def load_tokenizer(
     """
     base = Path(base_dir) if base_dir is not None else None
     if params.kind == "mistral-common":
-        path = _resolve_file(params.file, base)
+        path = _model_tokenizer_file(model, source) if params.from_model else _resolve_file(params.file, base)
         if path is None:
             shipped = ", ".join(sorted(p.name for p in mistral_common_data_dir().iterdir() if p.is_file()))
             raise DataError(

@@ -43,7 +43,7 @@ def model_location(recipe) -> str:
 
     name = recipe.model.name_or_path
     local = Path(name).expanduser()
-    base = getattr(recipe, "base_dir", None)
+    base = recipe.base_for("model.name_or_path") if hasattr(recipe, "base_for") else getattr(recipe, "base_dir", None)
     if base is not None and not local.is_absolute() and (Path(base) / local).exists():
         return str(Path(base) / local)
     return name

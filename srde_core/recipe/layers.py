@@ -5,8 +5,9 @@ validation error can name the file the user has to edit.
 
 A recipe is a path or the name of a preset shipped with the package, ``srde:NAME`` (the files of
 ``srde_core/recipes/``; ``recipes/`` in a checkout is the same folder). ``extends`` takes either.
-Relative data paths resolve against the directory of the recipe file that was run, or against the
-working directory when a preset was run by name.
+A relative path in a recipe (data files, the tokenizer file, a local model, a DeepSpeed config)
+resolves against the directory of the file that gave it; a path given with ``--set``, or by a
+shipped preset, resolves against the working directory (see :meth:`Layers.base_for`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def locate(reference: str | Path, *, relative_to: Path | None = None) -> Path:
     return relative_to / path if relative_to is not None and not path.is_absolute() else path
 
 
+def is_shipped(path: Path) -> bool:
+    """Whether ``path`` is one of the shipped presets (``recipes/NAME.toml`` in a checkout too)."""
+    try:
+        return path.resolve().parent == _presets_dir().resolve()
+    except OSError:
+        return False
+
+
 def format_key(path: KeyPath) -> str:
     """``("phases", 0, "lr")`` -> ``"phases[0].lr"``."""
     text = ""
@@ -100,6 +109,20 @@ class Layers:
         self.data: dict[str, Any] = {}
         self.provenance: dict[KeyPath, str] = {}
         self.files: list[Path] = []
+        self.source_dirs: dict[str, Path] = {}  # source label -> where its relative paths start
+
+    def base_for(self, path: KeyPath) -> Path:
+        """The directory a relative path at ``path`` resolves against: the directory of the recipe
+        file that gave the value; the working directory for a ``--set`` value or a value from a
+        shipped preset (whose paths name the user's files, not the package's); else ``base_dir``."""
+        for cut in range(len(path), 0, -1):
+            source = self.provenance.get(tuple(path[:cut]))
+            if source is None:
+                continue
+            if source.startswith("--set "):
+                return Path.cwd()
+            return self.source_dirs.get(source, self.base_dir)
+        return self.base_dir
 
     def source_of(self, path: KeyPath) -> str:
         for cut in range(len(path), 0, -1):
@@ -214,9 +237,10 @@ def read_layers(reference: str | Path, overrides: list[str] = ()) -> Layers:
         if not target.is_file():
             raise RecipeError(f"extended file '{parent}' not found", source=_display(current), key="extends")
         current = target
-    layers = Layers(path, Path.cwd() if is_preset else None)
+    layers = Layers(path, Path.cwd() if is_preset or is_shipped(path) else None)
     for file, data in reversed(chain):
         layers.merge(data, _display(file))
+        layers.source_dirs[_display(file)] = Path.cwd() if is_shipped(file) else file.absolute().parent
         layers.files.append(file)
     for assignment in overrides:
         layers.apply_override(assignment)

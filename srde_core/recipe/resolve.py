@@ -49,6 +49,13 @@ class Recipe:
     required_plugins: tuple[str, ...]
     resolved: dict[str, Any] = field(repr=False)
     base_dir: Path = field(default=None, repr=False)  # type: ignore[assignment]
+    path_bases: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def base_for(self, key: str) -> Path:
+        """The directory a relative path at ``key`` (one of :data:`PATH_KEYS`) resolves against:
+        the directory of the recipe file that set it, or the working directory for ``--set`` values
+        and the shipped presets' values (see :meth:`Layers.base_for`)."""
+        return Path(self.path_bases.get(key, self.base_dir))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.top, name)
@@ -241,7 +248,12 @@ def _plugin_settings(raw: dict[str, Any], resolver: _Resolver) -> tuple[dict[str
     return settings, tuple(require)
 
 
-def resolve(layers: Layers, plugins: PluginSet) -> Recipe:
+#: The recipe keys that hold file system paths (resolved by :meth:`Recipe.base_for`).
+PATH_KEYS = ("model.name_or_path", "tokenizer.file", "tokenizer.name_or_path", "data.train_files",
+             "data.eval_files", "data.hf_name", "engine.config")
+
+
+def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | None = None) -> Recipe:
     """Validate merged recipe data against the schema and the registries."""
     resolver = _Resolver(layers, plugins)
     raw = dict(layers.data)
@@ -268,6 +280,8 @@ def resolve(layers: Layers, plugins: PluginSet) -> Recipe:
         required_plugins=required,
         resolved=resolved,
         base_dir=layers.base_dir,
+        path_bases=types.MappingProxyType(dict(path_bases) if path_bases is not None else {
+            key: str(layers.base_for(tuple(key.split(".")))) for key in PATH_KEYS}),
     )
 
 
@@ -282,11 +296,13 @@ def load_recipe(path: str | Path, plugins: PluginSet, overrides: list[str] = ())
     return resolve(read_layers(path, list(overrides)), plugins)
 
 
-def recipe_from_resolved(data: dict[str, Any], path: str | Path, plugins: PluginSet, base_dir: str | Path | None = None) -> Recipe:
+def recipe_from_resolved(data: dict[str, Any], path: str | Path, plugins: PluginSet, base_dir: str | Path | None = None,
+                         path_bases: Mapping[str, str] | None = None) -> Recipe:
     """Rebuild a :class:`Recipe` from its ``resolved`` form (as saved in a run directory).
 
-    ``base_dir`` is the directory relative data paths were resolved against when the run started.
+    ``base_dir`` is the directory relative data paths were resolved against when the run started,
+    ``path_bases`` the directory of each path key (runs that predate it: ``base_dir`` for all).
     """
     layers = Layers(Path(path), Path(base_dir) if base_dir is not None else None)
     layers.merge(data, f"{path} (saved run recipe)")
-    return resolve(layers, plugins)
+    return resolve(layers, plugins, path_bases)

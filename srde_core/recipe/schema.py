@@ -23,7 +23,7 @@ class ModelParams(Params):
         "Ministral3ForCausalLM", description="transformers model class of the base model"
     )
     name_or_path: str | None = Field(
-        None, description="HF hub id or local directory; unset: build a fresh model from `config`"
+        None, description='HF hub id or local directory; unset (or "", to unset an extended one): build a fresh model from `config`'
     )
     config: dict[str, Any] = Field(
         default_factory=dict, description="config overrides (the whole config when building from scratch)"
@@ -31,6 +31,11 @@ class ModelParams(Params):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="base weight dtype")
     attn_implementation: str = Field("sdpa", description="attention kernel; plugins may change it")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class SRDEParams(Params):

@@ -217,7 +217,7 @@ class DeepSpeedEngine(Engine):
             return {}
         path = Path(self.params.config).expanduser()
         if not path.is_absolute():
-            path = Path(run.recipe.base_dir) / path
+            path = run.recipe.base_for("engine.config") / path
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -230,16 +230,24 @@ class DeepSpeedEngine(Engine):
 
     @staticmethod
     def _single_process_group(device: torch.device) -> None:
-        """DeepSpeed needs a process group even for one process: a group of one on 127.0.0.1."""
+        """DeepSpeed needs a process group, and ``LOCAL_RANK`` in the environment, even for one
+        process. Under a launcher (torchrun or ``deepspeed`` with one process) the group joins the
+        launcher's rendezvous (``env://``: a group of our own on another port would leave the
+        launcher's store waiting); a plain ``srde run`` gets a group of one on 127.0.0.1."""
         import torch.distributed as td
 
         if td.is_initialized():
             return
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                              init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        launched = bool(os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"))
+        if not launched:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
+        td.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                              rank=0, world_size=1)
 
     # -- the config ---------------------------------------------------------------------------
 
