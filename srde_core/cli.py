@@ -152,13 +152,13 @@ def cmd_run(args) -> int:
     args.plugins_loaded, args.log_dir = plugins, run_directory(recipe)
 
     run = execute(recipe, plugins, _console(), resume=args.resume, fresh=args.fresh)
-    # the main process evaluates the whole model: every process takes part in gathering it
-    # where the engine partitions parameters (ZeRO-3)
-    with run.engine.gather(list(run.model.parameters())):
-        if run.dist.is_main:
+    # the main process evaluates the model; where the engine's forwards are collective (ZeRO-3
+    # fetches each layer's weights from every process as it runs) every process takes part
+    with run.engine.forward_only(run.model) as forward:
+        if run.dist.is_main or run.engine.collective_forwards:
             from srde_core.evaluate.report import print_loss_summary
 
-            print_loss_summary(run)
+            print_loss_summary(run, forward=forward)
     # leave the process group before the interpreter exits: a group left to be torn down at exit
     # can abort a process (gloo's threads) after the run has finished
     run.dist.close()

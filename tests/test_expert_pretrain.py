@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from srde_core.model.context import ForwardContext
-from srde_plugins.trainers.expert_pretrain import domain_assignment, layer_centroids
+from srde_plugins.trainers.expert_pretrain import domain_assignment, layer_centroids, warm_start_routers, warm_start_rows
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def phase1_run(tmp_path_factory, plugins):
         lr = 3e-3
         [[phases]]
         name = "pretrain"
-        trainer = {{ name = "expert_pretrain", warm_start_batches = 2 }}
+        trainer = {{ name = "expert_pretrain", warm_start_examples = 16 }}
         sampler = "domain_balanced"
         steps = 4
         batch_size = 8
@@ -63,9 +63,42 @@ def test_phase1_trains_the_banks_with_forced_routes_and_leaves_router_training_o
 
 def test_the_warm_start_routes_most_tokens_of_a_domain_to_its_expert(phase1_run):
     run, experts = phase1_run, phase1_run.experts
-    centroids, samples = layer_centroids(run, experts, batches=2)
+    sums, counts, samples = layer_centroids(run, experts, warm_start_rows(run, 16), batch_size=8)
+    centroids = {layer: (total / counts[:, None]).float() for layer, total in sums.items()}
     for layer, mlp in experts.layers.items():
         c = centroids[layer] - centroids[layer].mean(0)
         routed = mlp.router(centroids[layer].to(next(mlp.router.parameters()).device), ForwardContext())
         assert routed.experts[:, 0].tolist() == list(range(6)), f"layer {layer}: {routed.experts[:, 0].tolist()}"
         assert c.norm(dim=1).min() > 0
+
+
+def domain_sorted(run):
+    """``run`` with its training rows sorted by domain (a user's JSONL written domain by domain)."""
+    import copy
+
+    sorted_run = copy.copy(run)
+    sorted_run.data = copy.copy(run.data)
+    sorted_run.data.train = run.data.train.sort("domain")
+    return sorted_run
+
+
+def test_the_warm_start_draws_every_domain_from_a_domain_sorted_file(phase1_run):
+    """The first rows of a file sorted by domain hold one or two domains; the warm start used to
+    read them, leaving the other domains' gate rows at zero without a word."""
+    run = domain_sorted(phase1_run)
+    rows = warm_start_rows(run, 5)
+    domains = [run.data.train[i]["domain"] for i in rows]
+    assert sorted(set(domains)) == sorted(run.data.domains) and len(rows) == 5 * len(run.data.domains)
+    assert warm_start_rows(run, 5) == rows  # seeded: every process and a resumed run draw the same
+    before = {n: p.detach().clone() for n, p in run.experts.trainable_parameters().items() if n.startswith("routers.")}
+    try:
+        missing = warm_start_routers(run, run.experts, 5, batch_size=7)
+        assert missing == []
+        for mlp in run.experts.layers.values():
+            gate = next(mlp.router.parameters())
+            assert bool((gate.norm(dim=1) > 0).all()), "a domain's expert got a zero gate row"
+    finally:
+        with torch.no_grad():
+            for name, p in run.experts.trainable_parameters().items():
+                if name in before:
+                    p.copy_(before[name])

@@ -85,13 +85,16 @@ def domain_losses(
     device=None,
     experts=None,
     after_forward: Callable[[dict[str, torch.Tensor], ForwardContext], None] | None = None,
+    forward: Callable | None = None,
 ) -> dict[str, DomainLoss]:
     """Token-weighted mean NLL per domain over ``batches`` (from :func:`eval_batches`).
 
     The model runs as it is: wrap the call in :func:`srde_core.evaluate.evaluation_state` to pick
     base or SRDE. With ``experts`` (the attached handle), each forward runs in a forward context
     carrying the batch's domain ids, and ``after_forward(batch, context)`` is called after it (with
-    the batch on ``device``), e.g. to count the routings the context recorded.
+    the batch on ``device``), e.g. to count the routings the context recorded. ``forward(fn)``
+    runs ``fn(model)`` (an engine's forward-only mode, :meth:`Engine.forward_only`; default: a
+    plain call).
     """
     device = device if device is not None else next(model.parameters()).device
     sums = torch.zeros(len(domains), dtype=torch.float64, device=device)
@@ -100,7 +103,7 @@ def domain_losses(
         batch = {k: v.to(device) for k, v in cpu_batch.items()}
         context = ForwardContext(domain_ids=batch["domain_ids"])
         with experts.forward_context(context) if experts is not None else contextlib.nullcontext():
-            nll, domain_ids = next_token_nll(model, batch)
+            nll, domain_ids = (forward or (lambda fn: fn(model)))(lambda m: next_token_nll(m, batch))
         if after_forward is not None:
             after_forward(batch, context)
         sums.index_add_(0, domain_ids, nll.double())

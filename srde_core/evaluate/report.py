@@ -58,14 +58,15 @@ def _accuracy_json(base: dict[str, DomainAccuracy], srde: dict[str, DomainAccura
     return {"domains": domains, "all": entry(total(base), total(srde) if srde else None)}
 
 
-def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False) -> dict:
+def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False, forward=None) -> dict:
     """Evaluate the model of ``run`` (a :class:`RunContext` with model and data) on its eval rows.
 
     Base = experts disabled, SRDE = experts enabled (``None`` values when the run has no experts).
     Returns ``{"examples_per_domain", "examples", "domains", "has_experts", "max_new_tokens", "loss",
     "accuracy", "routing"}`` (``routing`` is ``None`` without experts); ``accuracy`` and ``routing``
     are left out with ``losses_only``. The model's mode and the
-    experts' state are as before afterwards."""
+    experts' state are as before afterwards. ``forward``: the engine's forward-only runner for the
+    loss forwards (see :func:`srde_core.evaluate.losses.domain_losses`)."""
     rows, per_domain = _eval_rows(run, max_examples)
     domains, tokenizer, settings = run.data.domains, run.tokenizer, run.recipe.eval
     batches = eval_batches(rows, pad_id=tokenizer.pad_id, loss_on=run.recipe.data.loss_on, domains=domains,
@@ -79,14 +80,14 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False)
     result: dict = {"examples_per_domain": per_domain, "examples": len(rows), "domains": list(domains),
                     "has_experts": experts is not None, "max_new_tokens": settings.max_new_tokens}
     with evaluation_state(model, experts, enabled=False):
-        base_loss = domain_losses(model, batches, domains, device=run.device)
+        base_loss = domain_losses(model, batches, domains, device=run.device, forward=forward)
         base_acc = None if losses_only else accuracy()
     srde_loss = srde_acc = counter = None
     if experts is not None:
         counter = RoutingCounter(experts.layers, len(domains))
         with evaluation_state(model, experts, enabled=True):
             srde_loss = domain_losses(model, batches, domains, device=run.device, experts=experts,
-                                      after_forward=None if losses_only else counter.observe)
+                                      after_forward=None if losses_only else counter.observe, forward=forward)
             srde_acc = None if losses_only else accuracy()
     result["loss"] = _loss_json(base_loss, srde_loss)
     if losses_only:
@@ -198,18 +199,21 @@ def layer_table(result: dict):
 
 # ---- entry points -------------------------------------------------------------------------------
 
-def print_loss_summary(run) -> dict | None:
+def print_loss_summary(run, forward=None) -> dict | None:
     """Print the per-domain eval loss, base vs SRDE, of a run just finished and write it to
-    ``eval_loss.json`` in the run directory. Returns the loss dict; ``None`` (with a note) when
-    the run has no eval data."""
+    ``eval_loss.json`` in the run directory (the main process; another process called here takes
+    part in the forwards, where the engine's are collective, and prints nothing). Returns the loss
+    dict; ``None`` (with a note) when the run has no eval data. ``forward``: the engine's
+    forward-only runner (:meth:`Engine.forward_only`)."""
     from srde_core.run import write_json_atomic
 
     if run.data is None or run.data.eval is None or len(run.data.eval) == 0:
         run.log("eval: no eval data; loss summary skipped")
         return None
-    result = evaluate(run, losses_only=True)
-    run.console.print(loss_table(result))
-    write_json_atomic(Path(run.run_dir) / EVAL_LOSS_FILE, result)
+    result = evaluate(run, losses_only=True, forward=forward)
+    if run.dist.is_main:
+        run.console.print(loss_table(result))
+        write_json_atomic(Path(run.run_dir) / EVAL_LOSS_FILE, result)
     return result
 
 

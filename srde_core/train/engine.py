@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from srde_core.model.components import Remap
     from srde_core.train.driver import TrainingTarget
 
+#: ``run(fn)`` -> ``fn(model)``, with the model ready for forwards (see :meth:`Engine.forward_only`).
+ForwardRunner = Callable[[Callable[[nn.Module], Any]], Any]
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -132,7 +135,8 @@ class EngineSession(ABC):
         """Parameters moved (a bank changed its positions): move their optimiser state along."""
 
     def close(self) -> None:
-        """The phase is over: release what the session holds."""
+        """The phase is over: release what the session holds (the optimiser and its state, gradient
+        buffers), so that the next phase's session starts on a clean slate."""
 
 
 class Engine(ABC):
@@ -152,6 +156,24 @@ class Engine(ABC):
     def gather(self, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
         """A context in which ``tensors`` (parameters, possibly partitioned) are readable in full."""
         return contextlib.nullcontext()
+
+    def modifying(self, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """A context in which ``tensors`` (parameters, possibly partitioned) are whole and what the
+        main process writes into them is what every process keeps (a router's warm start)."""
+        return self.gather(tensors)
+
+    @contextlib.contextmanager
+    def forward_only(self, model: nn.Module) -> Iterator[ForwardRunner]:
+        """A context for forwards without training (a warm start, the eval at the end of a run),
+        between phases: yields ``run(fn)``, which returns ``fn(model)`` with ``model`` usable for
+        forwards, its partitioned parameters fetched layer by layer where the engine partitions
+        them (never the whole model at once). Where forwards are collective (ZeRO-3), every process
+        must call ``run`` equally often: :attr:`collective_forwards` says so."""
+        yield lambda fn: fn(model)
+
+    #: Whether forwards under :meth:`forward_only` need every process (ZeRO-3 fetches parameters
+    #: from all of them); the default engines run them on each process alone.
+    collective_forwards: bool = False
 
     @contextlib.contextmanager
     def full_state(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
@@ -223,6 +245,12 @@ class TorchSession(EngineSession):
         state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def close(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+        self.optimizer.state.clear()
+        self.optimizer = self.scheduler = None  # type: ignore[assignment]
 
     @torch.no_grad()
     def remap(self, remaps: list[Remap]) -> None:

@@ -51,6 +51,10 @@ class DDPSession(TorchSession):
             self.forward = None  # the old wrapper's reducer unhooks its parameters when it goes
             self.forward = self.wrap(module)
 
+    def close(self) -> None:
+        super().close()
+        self.forward = None  # the reducer (its gradient buckets and hooks) goes with the wrapper
+
 
 class DDPEngine(Engine):
     """Data parallel over the processes of the launcher (``torchrun``)."""

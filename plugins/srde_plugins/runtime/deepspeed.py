@@ -5,10 +5,13 @@ The DeepSpeed config is generated from the recipe and the phase, then the user's
 
 * ``train_micro_batch_size_per_gpu`` = the phase's ``batch_size`` (per process),
   ``gradient_accumulation_steps`` = its ``grad_accum``, ``gradient_clipping`` = ``max_grad_norm``;
-* ``bf16`` at ZeRO-3 when the model's dtype is bfloat16 (the base is partitioned in bf16; the
-  SRDE parameters stay float32: ``data_types.keep_in_fp32_modules`` names them), fp32 otherwise
-  (ZeRO-2 trains the float32 SRDE parameters and leaves the frozen base as loaded); the forward
-  runs under the phase's autocast ``precision`` as in the torch engine;
+* ``bf16`` at ZeRO-3 when the model's dtype is bfloat16 (the base is partitioned in bf16 as it is
+  built; the SRDE parameters, created in float32 after it, are partitioned in float32 when the
+  session starts: DeepSpeed casts no parameter of a model built inside ``zero.Init``, and the
+  session checks that none was cast), fp32 otherwise (ZeRO-2 trains the float32 SRDE parameters and leaves the
+  frozen base as loaded; a user config that turns bf16 or fp16 on at ZeRO-2 is refused, as
+  DeepSpeed would cast every parameter); the forward runs under the phase's autocast
+  ``precision`` as in the torch engine;
 * ``zero_optimization``: the stage, and CPU offload of the optimiser state (and, at stage 3, of the
   parameters) when asked.
 
@@ -40,9 +43,11 @@ reads partitioned values) is refused when the engine is set up, as is ``on_nonfi
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +69,8 @@ def _deepspeed():
     """The deepspeed package (DS_ACCELERATOR=cpu unless CUDA is available); one line when missing."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's ZeRO calls a collective torch deprecates; the warning would repeat every step
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
     try:
         import deepspeed
     except ImportError as err:
@@ -85,6 +92,26 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def release_memory() -> None:
+    """Collect what a torn-down engine left (reference cycles) and give cached device memory back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class CallOn(nn.Module):
+    """``CallOn(model)(fn) == fn(model)``: one module whose forward is any computation on ``model``,
+    so that a ZeRO-3 engine built over it fetches the parameters the computation uses and ends its
+    forward (and its prefetch trace) where the computation ends."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
+
+
 class DeepSpeedSession(EngineSession):
     """One phase in a ``deepspeed.initialize`` engine over the run's model."""
 
@@ -94,7 +121,7 @@ class DeepSpeedSession(EngineSession):
         self.parameters = [p for p in target.parameters if p.requires_grad]
         if not self.parameters:
             raise ValueError("no trainable parameters")
-        config = engine.config(spec, trainable=self._names(target.model))
+        config = engine.config(spec)
         if engine.params.offload_optimizer:
             optimizer = None  # DeepSpeed's CPU Adam, from config["optimizer"]
         else:
@@ -108,13 +135,12 @@ class DeepSpeedSession(EngineSession):
             dist_init_required=False,
         )
         self.forward = self.ds
+        cast = [p.dtype for p in self.parameters if p.dtype != torch.float32]
+        if cast:
+            raise SRDEError(f"DeepSpeed cast the trainable parameters to {cast[0]} (its bf16/fp16 settings); the "
+                            "experts train in float32", key="engine.config")
         self.device = engine.run.device
         self.dtype = autocast_dtype(spec.precision, self.device)
-
-    def _names(self, model: nn.Module) -> list[str]:
-        """The names of the trainable parameters as DeepSpeed's module sees them."""
-        wanted = {id(p) for p in self.parameters}
-        return [f"model.{name}" for name, p in model.named_parameters() if id(p) in wanted]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The phase's precision, as in the torch engine: the bf16 base and the float32 SRDE
@@ -155,7 +181,13 @@ class DeepSpeedSession(EngineSession):
             )
 
     def close(self) -> None:
+        """Tear the phase's DeepSpeed engine down and free it (its optimiser, fp32 partitions and
+        buckets) before the next phase builds its own: two would not fit next to a large base."""
+        for parameter in self.parameters:
+            parameter.grad = None
         self.ds.destroy()
+        self.ds = self.forward = self.optimizer = self.scheduler = None  # type: ignore[assignment]
+        release_memory()
 
 
 class DeepSpeedEngine(Engine):
@@ -226,6 +258,13 @@ class DeepSpeedEngine(Engine):
                             key="engine.config") from None
         if not isinstance(data, dict):
             raise SRDEError(f"DeepSpeed config '{path}' is not a JSON object", source=str(run.recipe.path), key="engine.config")
+        for half in ("bf16", "fp16"):
+            section = data.get(half)
+            if self.params.zero_stage == 2 and isinstance(section, dict) and section.get("enabled"):
+                raise SRDEError(
+                    f"DeepSpeed config '{path}' enables {half} at ZeRO-2, which casts every parameter, the "
+                    "experts' float32 ones too; leave it out (the base keeps model.dtype, and the phase's "
+                    "precision autocasts the matmuls)", source=str(run.recipe.path), key="engine.config")
         return data
 
     @staticmethod
@@ -251,7 +290,7 @@ class DeepSpeedEngine(Engine):
 
     # -- the config ---------------------------------------------------------------------------
 
-    def config(self, spec: OptimizerSpec | None = None, trainable: list[str] | None = None) -> dict[str, Any]:
+    def config(self, spec: OptimizerSpec | None = None) -> dict[str, Any]:
         """The DeepSpeed config of a phase (``spec``; None: what model construction needs)."""
         params, recipe = self.params, self.run.recipe
         zero: dict[str, Any] = {"stage": params.zero_stage}
@@ -272,8 +311,6 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
-        if bf16 and trainable:
-            config["data_types"] = {"keep_in_fp32_modules": trainable}
         if spec is not None:
             config["train_micro_batch_size_per_gpu"] = spec.batch_size
             config["gradient_accumulation_steps"] = spec.grad_accum
@@ -305,6 +342,32 @@ class DeepSpeedEngine(Engine):
         if not partitioned:
             return contextlib.nullcontext()
         return _deepspeed().zero.GatheredParameters(partitioned, modifier_rank=None)
+
+    def modifying(self, tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        partitioned = [t for t in tensors if hasattr(t, "ds_id")]
+        if not partitioned:
+            return contextlib.nullcontext()
+        return _deepspeed().zero.GatheredParameters(partitioned, modifier_rank=0)
+
+    @property
+    def collective_forwards(self) -> bool:  # type: ignore[override]
+        return self.params.zero_stage == 3
+
+    @contextlib.contextmanager
+    def forward_only(self, model: nn.Module) -> Iterator[Any]:
+        """At ZeRO-3 a forward needs DeepSpeed's parameter hooks, which a finished phase's engine
+        took with it: an inference engine (no optimiser) over :class:`CallOn` of the model fetches
+        each layer's parameters as the computation reaches it, on every process; torn down after."""
+        if self.params.zero_stage != 3:
+            yield lambda fn: fn(model)
+            return
+        engine, *_ = _deepspeed().initialize(model=CallOn(model), config=self.config(), dist_init_required=False)
+        try:
+            yield lambda fn: engine(fn)
+        finally:
+            engine.destroy()
+            del engine
+            release_memory()
 
     @contextlib.contextmanager
     def full_state(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:

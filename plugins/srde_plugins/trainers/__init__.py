@@ -22,7 +22,10 @@ class ExpertPretrainParams(Params):
     warm_start_router: bool = Field(
         True, description="afterwards, point each layer's router at the domain centroids of its input"
     )
-    warm_start_batches: int = Field(4, ge=1, description="training batches (of up to 64) the centroids are computed on")
+    warm_start_examples: int = Field(
+        64, ge=1, description="training examples per domain the centroids are computed on, drawn at random with the "
+        "run's seed (in micro-batches of the phase's batch_size)",
+    )
 
 
 @hookimpl
