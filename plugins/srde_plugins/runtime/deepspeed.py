@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from srde_core.errors import SRDEError
+from srde_core.errors import RecipeError, SRDEError
 from srde_core.train.engine import BackboneForward, Engine, EngineSession, OptimizerSpec, autocast_dtype
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def _deepspeed():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed's ZeRO calls a collective torch deprecates; the warning would repeat every step
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated", category=FutureWarning)
     try:
         import deepspeed
     except ImportError as err:
@@ -90,6 +90,25 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for key, value in over.items():
         merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
+
+
+def release_engine(engine: Any) -> None:
+    """Destroy a DeepSpeed engine so that nothing keeps it alive: ``destroy()`` leaves the engine's
+    hooks on the module it wrapped (our throwaway wrapper), ZeRO-3's list of forward modules
+    holding that wrapper, and ZeRO-3's optimiser on every parameter it managed."""
+    wrapper = engine.module
+    engine.destroy()
+    wrapper._forward_pre_hooks.clear()
+    wrapper._forward_hooks.clear()
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+    except ImportError:  # pragma: no cover - a DeepSpeed without ZeRO-3 offload
+        parameter_offload = None
+    if parameter_offload is not None and hasattr(parameter_offload, "FWD_MODULE_STACK"):
+        parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not wrapper]
+    for parameter in wrapper.parameters():
+        parameter.__dict__.pop("_z3_optimizer", None)
+    release_memory()
 
 
 def release_memory() -> None:
@@ -185,9 +204,9 @@ class DeepSpeedSession(EngineSession):
         buckets) before the next phase builds its own: two would not fit next to a large base."""
         for parameter in self.parameters:
             parameter.grad = None
-        self.ds.destroy()
-        self.ds = self.forward = self.optimizer = self.scheduler = None  # type: ignore[assignment]
-        release_memory()
+        engine, self.ds = self.ds, None
+        self.forward = self.optimizer = self.scheduler = None  # type: ignore[assignment]
+        release_engine(engine)
 
 
 class DeepSpeedEngine(Engine):
@@ -261,7 +280,7 @@ class DeepSpeedEngine(Engine):
         for half in ("bf16", "fp16"):
             section = data.get(half)
             if self.params.zero_stage == 2 and isinstance(section, dict) and section.get("enabled"):
-                raise SRDEError(
+                raise RecipeError(
                     f"DeepSpeed config '{path}' enables {half} at ZeRO-2, which casts every parameter, the "
                     "experts' float32 ones too; leave it out (the base keeps model.dtype, and the phase's "
                     "precision autocasts the matmuls)", source=str(run.recipe.path), key="engine.config")
@@ -365,9 +384,7 @@ class DeepSpeedEngine(Engine):
         try:
             yield lambda fn: engine(fn)
         finally:
-            engine.destroy()
-            del engine
-            release_memory()
+            release_engine(engine)
 
     @contextlib.contextmanager
     def full_state(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
