@@ -50,8 +50,16 @@ def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
                 "and --set overrides (or use --fresh)",
                 source=str(run_dir),
             )
-    elif run_dir.exists() and any(run_dir.iterdir()) and not fresh:
-        raise SRDEError("run directory exists; pass --resume to continue it or --fresh to start over", source=str(run_dir))
+    elif run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise SRDEError("is not a directory srde created (a link or a file); remove it yourself or choose "
+                        "another name", source=str(run_dir))
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not fresh:
+            raise SRDEError("run directory exists; pass --resume to continue it or --fresh to start over",
+                            source=str(run_dir))
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise SRDEError(f"not a run directory (no {RECIPE_FILE}), so --fresh does not delete it; remove it "
+                            "yourself or choose another name", source=str(run_dir))
     return run_dir
 
 
@@ -64,7 +72,7 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool, inputs: 
     run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
     if resume:
         return run_dir
-    if fresh and run_dir.exists():
+    if fresh and (run_dir / RECIPE_FILE).is_file():  # only a run directory, and only this child of output_dir
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(

@@ -118,7 +118,8 @@ def validate(model: type[Params], data: Any, where: KeyPath, layers: Layers) -> 
         elif error["type"] == "missing":
             message = "missing required key"
         else:
-            text = error["msg"].replace("valid tuple", "valid array").replace("valid list", "valid array")
+            text = error["msg"].removeprefix("Value error, ").replace("valid tuple", "valid array").replace(
+                "valid list", "valid array")
             message = f"{text[0].lower()}{text[1:]} (got {_describe_input(error.get('input'))})"
         raise RecipeError(message, source=layers.source_of(path), key=format_key(path)) from None
 

@@ -125,6 +125,15 @@ class RecipeParams(Params):
         default_factory=dict, description="`require = [...]` and one [plugins.NAME] table per plugin setting"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str) -> str:
+        """The run directory is ``output_dir/name``: a name that is a path (separators, ``.``,
+        ``..``, absolute) would put it, and what ``--fresh`` deletes, elsewhere."""
+        if value in (".", "..") or any(c in value for c in "/\\\0"):
+            raise ValueError("must be one directory name inside output_dir (no '/' or '\\', not '.' or '..')")
+        return value
+
     @property
     def base_model_seed(self) -> int:
         """The seed of the base model (``base_seed``, else ``seed``)."""
