@@ -35,3 +35,11 @@ def srde_add_kinds(kinds):
 def srde_model_init_context(run):
     """The run engine's context for model construction (ZeRO-3 partitions at creation)."""
     return run.engine.model_init_context() if run.engine is not None else None
+
+
+@hookimpl
+def srde_run_header(recipe):
+    """A line for each component of the recipe that a plugin put in place of a built-in."""
+    from srde_core.plugins import override_lines
+
+    return override_lines(recipe)

@@ -1,24 +1,29 @@
 """The plugin manager: built-in and third-party plugins load the same way.
 
 Every plugin is an entry point in the group ``srde`` (our own are declared in pyproject.toml).
-A plugin that fails to import, implements an unknown hook, or breaks while registering is
-recorded as broken with its error; the others still load.
+The project's own distribution registers first, then the others by entry-point name. A plugin that
+fails to import, implements an unknown hook, breaks while registering, or registers a name another
+plugin already provides (a clash: built-ins are never displaced) is recorded as broken with its
+error, in one line, and registers nothing; the others still load. A plugin replaces a built-in
+component only by saying so (``registry.add(..., override=True)``), and the run header says so.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pluggy
 
 from srde_core import hookspecs
 from srde_core.errors import PluginError
-from srde_core.registry import KindRegistrar, Registries, SettingsTable
+from srde_core.registry import Component, KindRegistrar, Registries, SettingsTable
 
 ENTRY_POINT_GROUP = "srde"
+#: The project's own distribution: its plugins are the built-ins, registered first.
+PROJECT_DISTRIBUTION = "srde"
 #: The name under which the core's own hook implementations are registered.
 CORE_PLUGIN = "srde-core"
 
@@ -80,25 +85,42 @@ class _StagedRegistrar:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._target, name)
 
-    def commit(self, registries: Registries) -> None:
+    def commit(self, registries: Registries, builtins: set[str]) -> None:
         staged = list(self._staging.components())
         settings: list[SettingsTable] = list(self._staging.settings.values())
+        replacing: list[Component] = []
         for component in staged:  # check every name before adding any
             existing = registries[component.kind]
             if component.name in existing:
-                existing.add(component)  # raises the "provided twice" error naming both
+                taken = existing.get(component.name)
+                if component.override and taken.provider in builtins and taken.replaces is None:
+                    replacing.append(replace(component, replaces=taken.provider))
+                    continue
+                hint = "; register it with override=True to replace the built-in" if taken.provider in builtins else ""
+                raise PluginError(
+                    f"{component.kind} '{component.name}' is provided twice: by '{taken.provider}' and by "
+                    f"'{component.provider}'{hint}"
+                )
         for table in settings:
             if table.name in registries.settings:
                 registries.add_settings(table)
         for component in staged:
-            registries[component.kind].add(component)
+            if not any(r.kind == component.kind and r.name == component.name for r in replacing):
+                registries[component.kind].add(component)
+        for component in replacing:
+            registries[component.kind].replace(component)
         for table in settings:
             registries.add_settings(table)
 
 
-def _call_each(manager: pluggy.PluginManager, hook: str, call, infos: dict[str, PluginInfo]) -> None:
-    """Call ``call(impl)`` for every implementation of ``hook``; a plugin that raises is broken."""
-    for impl in getattr(manager.hook, hook).get_hookimpls():
+def _call_each(
+    manager: pluggy.PluginManager, hook: str, call, infos: dict[str, PluginInfo], order: list[str]
+) -> None:
+    """Call ``call(impl)`` for every implementation of ``hook``, in ``order`` (the core, the
+    project's own plugins, then the others); a plugin that raises is broken."""
+    rank = {name: i for i, name in enumerate(order)}
+    impls = sorted(getattr(manager.hook, hook).get_hookimpls(), key=lambda impl: rank.get(impl.plugin_name, len(rank)))
+    for impl in impls:
         name = impl.plugin_name
         try:
             call(impl)
@@ -134,10 +156,13 @@ def load_plugins(
 
     eps = entry_points if entry_points is not None else metadata.entry_points(group=ENTRY_POINT_GROUP)
     candidates: list[tuple[str, str, str, Any]] = []
-    for ep in sorted(eps, key=lambda e: e.name):
+    for ep in eps:
         dist = getattr(ep, "dist", None)
         candidates.append((ep.name, dist.metadata["Name"] if dist is not None else "?", dist.version if dist is not None else "?", ep))
+    candidates.sort(key=lambda c: (c[1] != PROJECT_DISTRIBUTION, c[0]))  # built-ins first
     candidates += [(name, "(in process)", "", plugin) for name, plugin in extra]
+    builtins = {CORE_PLUGIN} | {name for name, dist_name, _, _ in candidates if dist_name == PROJECT_DISTRIBUTION}
+    order = [CORE_PLUGIN] + [name for name, *_ in candidates]
     for name, dist_name, version, source in candidates:
         if name in infos or manager.has_plugin(name):
             infos[f"{name}@{dist_name}"] = PluginInfo(
@@ -166,13 +191,28 @@ def load_plugins(
     def register(impl) -> None:
         registrar = _StagedRegistrar(impl.plugin_name, registries)
         impl.function(registry=registrar)
-        registrar.commit(registries)
+        registrar.commit(registries, builtins)
 
-    _call_each(manager, "srde_add_kinds", add_kinds, infos)
-    _call_each(manager, "srde_register", register, infos)
+    _call_each(manager, "srde_add_kinds", add_kinds, infos, order)
+    _call_each(manager, "srde_register", register, infos, order)
     registries.freeze()
     plugin_set.plugins = sorted(infos.values(), key=lambda p: p.name)
     return plugin_set
+
+
+def override_lines(recipe: Any) -> list[str]:
+    """One line per component the recipe uses that a plugin put in place of a built-in."""
+    from srde_core.registry import iter_choices
+
+    seen: dict[tuple[str, str], str] = {}
+    for choice in iter_choices([recipe.top, [phase.core for phase in recipe.phases], dict(recipe.plugin_settings)]):
+        component = choice.component
+        if component is not None and component.replaces is not None:
+            seen[(component.kind, component.name)] = (
+                f"override: {component.kind} '{component.name}' is plugin '{component.provider}''s, "
+                f"in place of the built-in from '{component.replaces}'"
+            )
+    return list(seen.values())
 
 
 def provided_by(plugin_set: PluginSet, plugin_name: str) -> list[tuple[str, str]]:

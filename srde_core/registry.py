@@ -74,6 +74,10 @@ class Component:
     summary: str
     provider: str
     contract: Kind | None = field(default=None, compare=False, repr=False)
+    #: Registered with ``override=True``: may replace a built-in of the same name.
+    override: bool = field(default=False, compare=False)
+    #: The provider of the built-in this component replaced (set when it did), for the run header.
+    replaces: str | None = field(default=None, compare=False)
 
     def build(self, params: Params, **context: Any) -> Any:
         from srde_core.params import slot_fields
@@ -129,6 +133,24 @@ class ComponentChoice:
         return data
 
 
+def iter_choices(value: Any) -> Iterator[ComponentChoice]:
+    """Every :class:`ComponentChoice` held in ``value`` (params, a recipe's tables, lists of
+    losses), depth first, with the choices nested in their params and the losses' weights."""
+    if isinstance(value, ComponentChoice):
+        yield value
+        yield from iter_choices(value.weight)
+        yield from iter_choices(value.params)
+    elif isinstance(value, Params):
+        for name in type(value).model_fields:
+            yield from iter_choices(getattr(value, name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from iter_choices(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_choices(item)
+
+
 @dataclass(frozen=True)
 class SettingsTable:
     """A ``[plugins.NAME]`` recipe table declared by a hook plugin (e.g. torch.compile options)."""
@@ -167,6 +189,12 @@ class Registry:
 
     def add(self, component: Component) -> None:
         _insert_unique(self._entries, component.name, component, frozen=self._frozen, label=self.kind)
+
+    def replace(self, component: Component) -> None:
+        """Put ``component`` in place of the one of its name (an explicit override of a built-in)."""
+        if self._frozen:
+            raise PluginError(f"the {self.kind} registry is frozen; register from srde_register")
+        self._entries[component.name] = component
 
     def get(self, name: str, *, source: str | None = None, key: str | None = None) -> Component:
         try:
@@ -276,7 +304,12 @@ class ProviderRegistrar:
         factory: Callable[..., Any] | str,
         params: type[Params] = NoParams,
         summary: str | None = None,
+        *,
+        override: bool = False,
     ) -> None:
+        """Register ``factory`` as component ``name`` of ``kind``. A name another plugin provides
+        is a clash that breaks this plugin (built-ins register first and are never displaced);
+        ``override=True`` replaces a built-in of that name on purpose (the run header says so)."""
         if not (isinstance(params, type) and issubclass(params, Params)):
             raise PluginError(
                 f"plugin '{self.provider}': {kind} '{name}' params must subclass srde_core.params.Params"
@@ -287,14 +320,16 @@ class ProviderRegistrar:
         elif not callable(factory):
             raise PluginError(f"plugin '{self.provider}': {kind} '{name}' factory is not callable")
         registry = self._registries[kind]
-        component = Component(kind, name, factory, params, _summary(summary, factory), self.provider, registry.spec)
+        component = Component(
+            kind, name, factory, params, _summary(summary, factory), self.provider, registry.spec, override=override
+        )
         registry.add(component)
 
     def component(
-        self, kind: str, name: str, params: type[Params] = NoParams, summary: str | None = None
+        self, kind: str, name: str, params: type[Params] = NoParams, summary: str | None = None, *, override: bool = False
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(kind, name, factory, params, summary)
+            self.add(kind, name, factory, params, summary, override=override)
             return factory
 
         return decorate

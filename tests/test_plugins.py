@@ -161,3 +161,95 @@ def test_listing_and_validating_do_not_import_torch(micro_recipe):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"
+
+
+HIJACK = '''
+"""A plugin that also ships a loss named like a built-in."""
+from srde_core.hookspecs import hookimpl
+
+def zero(params):
+    return lambda inputs: inputs.hidden.sum() * 0.0
+
+@hookimpl
+def srde_register(registry):
+    registry.add("loss", "lm", zero{override})
+    registry.add("loss", "zero_{tag}", zero)
+'''
+
+JOINT = '''
+"""A third-party trainer named like the built-in one."""
+from srde_core.hookspecs import hookimpl
+
+def joint(params):
+    raise AssertionError("never built")
+
+@hookimpl
+def srde_register(registry):
+    registry.add("trainer", "joint", joint)
+'''
+
+
+def _with_builtins(*extra: metadata.EntryPoint) -> list[metadata.EntryPoint]:
+    return [*metadata.entry_points(group="srde"), *extra]
+
+
+def test_a_plugin_sorting_first_cannot_take_over_a_builtin_loss(plugin_dir):
+    ep = write(plugin_dir, "aaa_demo_plugin_hijack", HIJACK.format(override="", tag="a"))
+    result = load_plugins(entry_points=_with_builtins(ep))
+    by_name = {p.name: p for p in result.plugins}
+    assert by_name["losses"].error is None
+    assert {"lm", "load_balance", "router_z"} <= set(result.registries["loss"].names())
+    assert result.registries["loss"].get("lm").provider == "losses"
+    error = by_name["aaa_demo_plugin_hijack"].error
+    assert "\n" not in error and "loss 'lm' is provided twice: by 'losses' and by 'aaa_demo_plugin_hijack'" in error
+    assert "override=True" in error
+    assert "zero_a" not in result.registries["loss"]  # a broken plugin registers nothing
+
+
+def test_a_third_party_trainer_named_joint_leaves_the_builtin_in_charge(plugin_dir):
+    ep = write(plugin_dir, "aaa_demo_plugin_joint", JOINT)
+    result = load_plugins(entry_points=_with_builtins(ep))
+    assert result.registries["trainer"].get("joint").provider == "trainers"
+    (info,) = result.broken
+    assert info.name == "aaa_demo_plugin_joint" and "trainer 'joint' is provided twice" in info.error
+
+
+def test_an_explicit_override_replaces_the_builtin_and_the_header_says_so(plugin_dir, micro_recipe):
+    from srde_core.recipe import load_recipe
+
+    ep = write(plugin_dir, "aaa_demo_plugin_override", HIJACK.format(override=", override=True", tag="b"))
+    result = load_plugins(entry_points=_with_builtins(ep))
+    assert not result.broken, result.broken
+    assert result.registries["loss"].get("lm").provider == "aaa_demo_plugin_override"
+    recipe = load_recipe(micro_recipe, result)
+    lines = [line for group in result.hook.srde_run_header(recipe=recipe) for line in (group or [])]
+    overrides = [line for line in lines if line.startswith("override:")]
+    assert overrides == ["override: loss 'lm' is plugin 'aaa_demo_plugin_override''s, in place of the built-in from 'losses'"]
+    untouched = load_recipe(micro_recipe, load_plugins())
+    assert not [line for group in load_plugins().hook.srde_run_header(recipe=untouched) for line in (group or [])
+                if line.startswith("override:")]
+
+
+def test_an_override_of_a_third_party_name_is_still_a_clash(plugin_dir):
+    first = write(plugin_dir, "demo_plugin_first", GOOD.format(tag="x"))
+    second = write(plugin_dir, "demo_plugin_second", GOOD.format(tag="x").replace("flat)", "flat, override=True)"))
+    result = load_plugins(entry_points=[first, second])
+    assert result.registries["scheduler"].get("flat_x").provider == "demo_plugin_first"
+    assert [p.name for p in result.broken] == ["demo_plugin_second"]
+
+
+def test_a_recipe_needing_a_broken_plugins_component_exits_2_before_any_work(plugin_dir, micro_recipe, tmp_path, monkeypatch, capsys):
+    import srde_core.plugins as plugins_module
+    from srde_core.cli import main
+
+    ep = write(plugin_dir, "aaa_demo_plugin_needed", HIJACK.format(override="", tag="c"))
+    everything = _with_builtins(ep)
+    monkeypatch.setattr(plugins_module.metadata, "entry_points", lambda group=None: everything)
+    recipe = tmp_path / "needs.toml"
+    recipe.write_text(f'extends = "{micro_recipe}"\noutput_dir = "{tmp_path / "runs"}"\n'
+                      '[[phases]]\nname = "experts"\ntrainer = "joint"\nsteps = 2\nlosses = ["zero_c"]\n')
+    for command in ("validate", "run"):
+        assert main([command, str(recipe)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "unknown loss 'zero_c'" in err[0] and "aaa_demo_plugin_needed" in err[0], err
+    assert not (tmp_path / "runs").exists()
