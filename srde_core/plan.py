@@ -32,7 +32,6 @@ from srde_core.errors import RecipeError, UsageError
 
 GiB = 1024**3
 ADAM_MOMENTS = 2  # AdamW: exp_avg and exp_avg_sq, fp32 each
-ZERO_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,12 @@ class MemoryPlan:
     gpus: int
     rows: tuple[PlanRow, ...]
     notes: tuple[str, ...] = ()
+    peak: str = ""  # what sets the peak: a phase, or a transition
+
+    @property
+    def allocated(self) -> int:
+        """The tensors alone (the total less the context and the allocator margin)."""
+        return sum(row.bytes for row in self.rows if row.name not in ("context and libraries", "allocator margin"))
 
     @property
     def total(self) -> int:
@@ -165,64 +170,118 @@ def layer_activation_bytes(config: Any, act_bytes: int, top_k: int, expert_proje
     return saved + experts
 
 
-def plan_memory(recipe: Any, *, gpus: int = 1, phase: str | None = None, config: Any = None,
-                tokenizer_vocab: int | None = None) -> MemoryPlan:
-    """The per-GPU memory of training ``phase`` (default: the last) of ``recipe`` on ``gpus`` GPUs."""
-    import torch
+#: CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers per GPU, beside the tensors (measured
+#: 1.0-1.4 GiB for torch 2.x on H100/H200; counted where the recipe trains on a GPU).
+CONTEXT_BYTES = int(1.5 * GiB)
+#: The caching allocator reserves more than it hands out (block rounding, fragmentation): a margin
+#: of this share of the tensors' peak.
+FRAGMENTATION = 0.05
 
+
+def plan_memory(recipe: Any, *, gpus: int = 1, phase: str | None = None, config: Any = None,
+                tokenizer_vocab: int | None = None, device: str | None = None) -> MemoryPlan:
+    """The per-GPU memory of ``recipe`` on ``gpus`` GPUs: the peak over its phases (each phase
+    trained as its engine lays it out, :meth:`Engine.memory`) and the transitions between them (a
+    router warm start after Phase 1 runs forward only, once the phase's engine is freed), or of
+    ``phase`` alone. Tensor rows, then the context and a fragmentation margin where the recipe
+    trains on a GPU (``device``: the recipe's by default; ``"cpu"`` leaves them out)."""
     if gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
-    chosen = _phase(recipe, phase)
     config = config if config is not None else model_config(recipe, tokenizer_vocab=tokenizer_vocab)
     model, experts = meta_model(recipe, config)
+    counts = _counts(model, experts)
+    layout = recipe.engine.build().memory(gpus)
+    on_gpu = (device or str(recipe.device)) != "cpu"
+    chosen = [_phase(recipe, phase)] if phase is not None else list(recipe.phases)
+    candidates: list[tuple[str, list[PlanRow]]] = []
+    for each in chosen:
+        candidates.append((f"phase '{each.name}'", _phase_rows(recipe, each, config, experts, counts, layout)))
+        if phase is None and each.trainer.name == "expert_pretrain" and getattr(each.trainer.params, "warm_start_router", False):
+            candidates.append((f"warm start after '{each.name}'", _forward_rows(recipe, each, config, experts, counts, layout)))
+    totals = [(what, sum(r.bytes for r in rows)) for what, rows in candidates]
+    peak_at = max(range(len(totals)), key=lambda i: totals[i][1])
+    what, rows = candidates[peak_at]
+    allocated = sum(r.bytes for r in rows)
+    if on_gpu:
+        rows = [*rows, PlanRow("context and libraries", CONTEXT_BYTES, "CUDA context, cuBLAS/cuDNN workspaces, NCCL"),
+                PlanRow("allocator margin", int(FRAGMENTATION * allocated),
+                        f"{FRAGMENTATION:.0%} of the tensors: the caching allocator's rounding and fragmentation")]
+    notes = list(layout.notes)
+    if len(totals) > 1:
+        notes.append("tensors per step: " + ", ".join(
+            f"{w} {t / GiB:.2f} GiB" + (" (the peak)" if i == peak_at else "") for i, (w, t) in enumerate(totals)))
+    name = what.split("'")[1]
+    return MemoryPlan(str(recipe.path), name, recipe.engine.name, gpus, tuple(rows), tuple(notes), peak=what)
 
+
+@dataclass(frozen=True)
+class _Counts:
+    frozen_by_dtype: dict[Any, int]
+    trainable_bytes: int
+    trainable_numel: int
+    buffers: int
+    largest_layer: int
+
+
+def _counts(model: Any, experts: Any) -> _Counts:
     trainable = {id(p) for p in experts.trainable_parameters().values()}
-    frozen_by_dtype: dict[torch.dtype, int] = {}
+    frozen: dict[Any, int] = {}
     trainable_bytes = trainable_numel = 0
     for p in model.parameters():
         if id(p) in trainable:
             trainable_bytes += _nbytes(p)
             trainable_numel += p.numel()
         else:
-            frozen_by_dtype[p.dtype] = frozen_by_dtype.get(p.dtype, 0) + _nbytes(p)
-    buffers = sum(_nbytes(b) for b in model.buffers())
+            frozen[p.dtype] = frozen.get(p.dtype, 0) + _nbytes(p)
+    return _Counts(frozen, trainable_bytes, trainable_numel, sum(_nbytes(b) for b in model.buffers()),
+                   max(_nbytes_module(m) for m in experts.stack.layers))
 
-    engine = recipe.engine
-    params = engine.params
-    stage = int(getattr(params, "zero_stage", 0) or 0)
-    offload_opt = bool(getattr(params, "offload_optimizer", False))
-    offload_params = bool(getattr(params, "offload_params", False))
-    shard_opt = gpus if stage >= 1 else 1
-    shard_grad = gpus if stage >= 2 else 1
-    shard_param = gpus if stage >= 3 else 1
-    notes = []
-    on_gpu_params = 0 if offload_params and stage >= 3 else 1
-    if not on_gpu_params:
-        notes.append("parameters offloaded to CPU memory (offload_params)")
-    if offload_opt:
-        notes.append("optimiser state offloaded to CPU memory (offload_optimizer)")
 
-    activation_rows = _activation_rows(recipe, chosen, config, experts)
+def _weight_rows(counts: _Counts, layout: Any) -> list[PlanRow]:
+    """Parameters and buffers: what every step holds, training or not."""
+    shards = layout.param_shards
+    kept = 0 if layout.params_offloaded else 1
     rows = [
-        PlanRow(f"frozen params ({_dtype_name(d)})", on_gpu_params * b // shard_param,
-                f"{b / GiB:.2f} GiB in all" + (f", / {shard_param} (ZeRO-3)" if shard_param > 1 else ""))
-        for d, b in sorted(frozen_by_dtype.items(), key=lambda kv: -kv[1])
+        PlanRow(f"frozen params ({_dtype_name(d)})", kept * b // shards,
+                f"{b / GiB:.2f} GiB in all" + (f", / {shards} (ZeRO-3)" if shards > 1 else ""))
+        for d, b in sorted(counts.frozen_by_dtype.items(), key=lambda kv: -kv[1])
     ]
     rows += [
-        PlanRow("trainable params", on_gpu_params * trainable_bytes // shard_param, f"{trainable_numel / 1e6:.1f}M fp32"),
-        PlanRow("buffers", buffers, "rotary tables, expert positions and CSR indices"),
-        PlanRow("gradients", trainable_bytes // shard_grad, f"/ {shard_grad} (ZeRO-{stage})" if shard_grad > 1 else "one per trainable"),
-        PlanRow("optimiser state", 0 if offload_opt else ADAM_MOMENTS * 4 * trainable_numel // shard_opt,
-                "AdamW, 2 x fp32" + (f", / {shard_opt} (ZeRO-{stage})" if shard_opt > 1 else "")),
-        *activation_rows,
+        PlanRow("trainable params", kept * counts.trainable_bytes // shards, f"{counts.trainable_numel / 1e6:.1f}M fp32"),
+        PlanRow("buffers", counts.buffers, "rotary tables, expert positions and CSR indices"),
     ]
-    if stage >= 2:
-        bucket = min(ZERO_REDUCE_BUCKET, trainable_numel) * 4
-        rows.append(PlanRow("gradient bucket", bucket, "ZeRO: fp32 reduce bucket (DeepSpeed's default 5e8 elements)"))
-    if shard_param > 1 and on_gpu_params:
-        gathered = 2 * max(_nbytes_module(m) for m in experts.stack.layers)
-        rows.append(PlanRow("gathered layers", gathered, "ZeRO-3: a decoder layer in use and one prefetched"))
-    return MemoryPlan(str(recipe.path), chosen.name, engine.name, gpus, tuple(rows), tuple(notes))
+    if shards > 1 and kept:
+        rows.append(PlanRow("gathered layers", layout.gathered_layers * counts.largest_layer,
+                            f"ZeRO-3: {layout.gathered_layers} decoder layers whole at once (in use, prefetched)"))
+    return rows
+
+
+def _phase_rows(recipe: Any, phase: Any, config: Any, experts: Any, counts: _Counts, layout: Any) -> list[PlanRow]:
+    numel, optimizer_kept = counts.trainable_numel, 0 if layout.optimizer_offloaded else 1
+    rows = _weight_rows(counts, layout)
+    rows.append(PlanRow("gradients", counts.trainable_bytes // layout.grad_shards,
+                        f"/ {layout.grad_shards} (ZeRO)" if layout.grad_shards > 1 else "one per trainable"))
+    if layout.gradient_copies:
+        rows.append(PlanRow("gradient buckets", layout.gradient_copies * counts.trainable_bytes,
+                            "the data-parallel engine's communication buckets"))
+    rows.append(PlanRow("optimiser state", optimizer_kept * ADAM_MOMENTS * 4 * numel // layout.optimizer_shards,
+                        "AdamW, 2 x fp32" + (f", / {layout.optimizer_shards}" if layout.optimizer_shards > 1 else "")))
+    if layout.master_copy:
+        rows.append(PlanRow("master copy", optimizer_kept * 4 * numel // layout.optimizer_shards,
+                            "fp32 flat partitions of the trainable parameters (ZeRO)"))
+    rows += _activation_rows(recipe, phase, config, experts)
+    if layout.bucket_elements:
+        rows.append(PlanRow("gradient bucket", min(layout.bucket_elements, max(numel, layout.bucket_floor)) * 4,
+                            "ZeRO: fp32 reduce bucket (DeepSpeed's default 5e8 elements)"))
+    return rows
+
+
+def _forward_rows(recipe: Any, phase: Any, config: Any, experts: Any, counts: _Counts, layout: Any) -> list[PlanRow]:
+    """A warm start after ``phase``: the weights and one micro-batch's forward, no gradients (the
+    phase's engine and its optimiser state are freed before it)."""
+    activations = _activation_rows(recipe, phase, config, experts)
+    per_layer = activations[1].bytes  # the larger of a layer's saved state and the LM head's chunk
+    return [*_weight_rows(counts, layout), PlanRow("forward", per_layer, "one micro-batch, no gradients")]
 
 
 def _activation_rows(recipe: Any, phase: Any, config: Any, experts: Any) -> list[PlanRow]:
@@ -244,9 +303,9 @@ def _activation_rows(recipe: Any, phase: Any, config: Any, experts: Any) -> list
     per_layer = layer_activation_bytes(config, act_bytes, top_k, len(experts.projections)) * tokens
     labelled = phase.batch_size * (recipe.data.seq_len - 1)
     lm_chunk = min(_chunk_tokens(phase) or labelled, labelled)
-    # a chunk's log-softmax, its gradient and the logits' gradient (fp32), a half-precision copy of
-    # the logits, and the final hidden states with their gradient
-    logits = lm_chunk * vocab * (3 * 4 + (act_bytes if act_bytes < 4 else 0)) + 2 * tokens * hidden * act_bytes
+    # a chunk's fp32 logits, their log-softmax and gradient (the half-precision logits of autocast
+    # are freed by then), and the final hidden states with their gradient
+    logits = lm_chunk * vocab * 3 * 4 + 2 * tokens * hidden * act_bytes
     if recipe.model.gradient_checkpointing:
         activations = layers * tokens * hidden * act_bytes
         how = f"input of {layers} checkpointed layers"
@@ -292,8 +351,8 @@ def print_plan(plan: MemoryPlan, console, *, gpu_memory_gib: float) -> bool:
     """Print ``plan`` as a table with its total; return whether it fits in ``gpu_memory_gib``."""
     from rich.table import Table
 
-    table = Table(title=f"{plan.recipe}: phase '{plan.phase}', engine {plan.engine}, {plan.gpus} GPU(s) — per GPU",
-                  title_justify="left")
+    table = Table(title=f"{plan.recipe}: {plan.peak or 'phase ' + repr(plan.phase)}, engine {plan.engine}, "
+                        f"{plan.gpus} GPU(s) — per GPU", title_justify="left")
     table.add_column("")
     table.add_column("GiB", justify="right")
     table.add_column("what")

@@ -6,7 +6,9 @@ phase, gradient checkpointing, bf16, regional compile (``aot_eager`` here: induc
 would take minutes per launch on 2 cores; ``benchmarks/rehearsal.py`` runs inductor) and the
 DeepSpeed engine, under:
 
-* plain ``srde run`` (one process, ZeRO-2) and ``torchrun --nproc_per_node 1`` (ZeRO-2): the same
+* plain ``srde run`` with the preset's one-process default (trained as engine ``torch``: ZeRO would
+  shard nothing);
+* plain ``srde run`` and ``torchrun --nproc_per_node 1``, both ZeRO-2 in one process: the same
   adapter to the bit;
 * ``deepspeed --num_gpus 1`` (ZeRO-3) and ``deepspeed --num_gpus 2`` (ZeRO-2);
 * ``torchrun --nproc_per_node 2`` (ZeRO-3), uninterrupted, and the same run SIGKILLed inside Phase 1,
@@ -117,13 +119,16 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rehearsal")
     cache = [f"cache_dir={json.dumps(str(root / 'cache'))}"]
     stage3 = [*cache, "engine.zero_stage=3"]
+    zero = [*cache, 'engine.one_process="zero"']  # one process keeps ZeRO (by default it trains as engine torch)
     out: dict[str, tuple[Path, str]] = {}
-    # the data and its tokenisation are cached once, before launches share the cache
-    start(root / "warmup", "srde", 1, [*cache, "phases.pretrain.steps=1", "phases.experts.steps=1"]).wait()
+    # one short launch first, with the preset's one-process default; the data and its tokenisation
+    # are then cached before launches share the cache
+    warmup = start(root / "warmup", "srde", 1, [*cache, "phases.pretrain.steps=1", "phases.experts.steps=1"])
+    out["warmup"] = (warmup.workdir, warmup.wait())
 
     pairs = [
-        (("plain", "srde", 1, cache), ("torchrun1", "torchrun", 1, cache)),
-        (("deepspeed1", "deepspeed", 1, stage3), ("deepspeed2", "deepspeed", 2, cache)),
+        (("plain", "srde", 1, zero), ("torchrun1", "torchrun", 1, zero)),
+        (("deepspeed1", "deepspeed", 1, [*zero, "engine.zero_stage=3"]), ("deepspeed2", "deepspeed", 2, cache)),
     ]
     for pair in pairs:
         launches = [(label, start(root / label, launcher, n, overrides)) for label, launcher, n, overrides in pair]
@@ -155,6 +160,12 @@ def test_every_launch_trains_both_phases_and_writes_the_adapter(runs, label, eng
     adapter = load_file(run_dir(workdir) / "adapter.safetensors")
     assert adapter and all(torch.isfinite(v).all() for v in adapter.values() if v.is_floating_point())
     assert (run_dir(workdir) / "eval_loss.json").is_file()
+
+
+def test_one_process_trains_as_engine_torch_by_default(runs):
+    workdir, output = runs["warmup"]
+    assert "training as engine 'torch'" in output
+    assert (run_dir(workdir) / "adapter.safetensors").is_file()
 
 
 def test_torchrun_with_one_process_trains_as_plain_srde_run(runs):

@@ -96,6 +96,37 @@ class BackboneForward(nn.Module):
         return out.last_hidden_state
 
 
+@dataclass(frozen=True)
+class EngineMemory:
+    """How an engine lays a phase's training state out on each GPU (:meth:`Engine.memory`), for
+    ``srde plan``: what it shards over the GPUs, what it keeps in CPU memory, what it adds.
+
+    :ivar param_shards: parameters (frozen and trainable) are split this many ways.
+    :ivar grad_shards: gradients are split this many ways.
+    :ivar optimizer_shards: optimiser state (and the master copy) is split this many ways.
+    :ivar params_offloaded: parameters live in CPU memory.
+    :ivar optimizer_offloaded: optimiser state (and the master copy) live in CPU memory.
+    :ivar master_copy: an fp32 copy of the trainable parameters beside them (ZeRO's flat partitions).
+    :ivar gradient_copies: extra copies of the gradients (DDP's communication buckets: 1).
+    :ivar bucket_elements: a flat fp32 reduce bucket of at most this many elements (and at most the
+        trainable count, but at least ``bucket_floor``).
+    :ivar gathered_layers: decoder layers held whole at once while parameters are sharded.
+    :ivar notes: what the plan should say about the layout.
+    """
+
+    param_shards: int = 1
+    grad_shards: int = 1
+    optimizer_shards: int = 1
+    params_offloaded: bool = False
+    optimizer_offloaded: bool = False
+    master_copy: bool = False
+    gradient_copies: int = 0
+    bucket_elements: int = 0
+    bucket_floor: int = 0
+    gathered_layers: int = 0
+    notes: tuple[str, ...] = ()
+
+
 class EngineSession(ABC):
     """One phase's training state in an engine."""
 
@@ -174,6 +205,11 @@ class Engine(ABC):
     #: Whether forwards under :meth:`forward_only` need every process (ZeRO-3 fetches parameters
     #: from all of them); the default engines run them on each process alone.
     collective_forwards: bool = False
+
+    def memory(self, gpus: int) -> EngineMemory:
+        """How this engine lays a phase out over ``gpus`` GPUs (``srde plan``): by default a full
+        replica of everything on each, nothing added."""
+        return EngineMemory()
 
     @contextlib.contextmanager
     def full_state(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:

@@ -34,6 +34,10 @@ class DeepSpeedParams(Params):
     offload_optimizer: bool = Field(False, description="keep the optimiser state on the CPU (DeepSpeed's CPU Adam, a compiled op)")
     offload_params: bool = Field(False, description="keep the partitioned parameters on the CPU (zero_stage = 3 only)")
     config: str | None = Field(None, description="a DeepSpeed JSON config merged over the generated one (relative to the recipe)")
+    one_process: Literal["torch", "zero"] = Field(
+        "torch", description="with one process ZeRO shards nothing and only adds an fp32 master copy and buckets: "
+        "'torch' trains as engine 'torch' there (unless an offload is asked for), 'zero' keeps ZeRO",
+    )
 
 
 @hookimpl

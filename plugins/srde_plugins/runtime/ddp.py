@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from srde_core.errors import SRDEError
-from srde_core.train.engine import Engine, EngineSession, OptimizerSpec, TorchSession
+from srde_core.train.engine import Engine, EngineMemory, EngineSession, OptimizerSpec, TorchSession
 
 if TYPE_CHECKING:
     from srde_core.model.components import Remap
@@ -74,3 +74,8 @@ class DDPEngine(Engine):
         if not run.dist.distributed:
             return TorchSession(target, spec, run.device)
         return DDPSession(target, spec, run.device, self.params)
+
+    def memory(self, gpus: int) -> EngineMemory:
+        if gpus == 1:
+            return EngineMemory(notes=("ddp with one process trains as engine 'torch'",))
+        return EngineMemory(gradient_copies=1, notes=("ddp: its communication buckets hold a second copy of the gradients",))

@@ -56,12 +56,14 @@ import torch
 from torch import nn
 
 from srde_core.errors import RecipeError, SRDEError
-from srde_core.train.engine import BackboneForward, Engine, EngineSession, OptimizerSpec, autocast_dtype
+from srde_core.train.engine import (BackboneForward, Engine, EngineMemory, EngineSession, OptimizerSpec, TorchSession,
+                                   autocast_dtype)
 
 if TYPE_CHECKING:
     from srde_core.model.components import Remap
 
 INSTALL_HINT = 'pip install "srde[deepspeed]"'
+ZERO_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce_bucket_size (fp32 at ZeRO-2/3)
 CHECKPOINT_TAG = "deepspeed"
 
 
@@ -79,8 +81,8 @@ def _deepspeed():
 
 
 def make_engine(params: Any) -> DeepSpeedEngine:
-    """The factory named in the registry: checks that deepspeed is importable before any work."""
-    _deepspeed()
+    """The factory named in the registry (deepspeed itself is imported when the engine is set up,
+    before any work, so that ``srde plan`` of a DeepSpeed recipe needs no deepspeed)."""
     return DeepSpeedEngine(params)
 
 
@@ -140,7 +142,7 @@ class DeepSpeedSession(EngineSession):
         self.parameters = [p for p in target.parameters if p.requires_grad]
         if not self.parameters:
             raise ValueError("no trainable parameters")
-        config = engine.config(spec)
+        config = engine.config(spec, trainable_numel=sum(p.numel() for p in self.parameters))
         if engine.params.offload_optimizer:
             optimizer = None  # DeepSpeed's CPU Adam, from config["optimizer"]
         else:
@@ -216,17 +218,30 @@ class DeepSpeedEngine(Engine):
     def __init__(self, params: Any):
         self.params = params
         self.run: Any = None
+        self.zero = True  # decided in setup (uses_zero)
         self.user: dict[str, Any] = {}
         self._hf_config: Any = None  # transformers' HfDeepSpeedConfig, alive while the run is (ZeRO-3)
 
     # -- the run ------------------------------------------------------------------------------
 
+    def uses_zero(self, processes: int) -> bool:
+        """Whether ZeRO runs at all: with one process it shards nothing and only adds an fp32 master
+        copy and its buckets, so one process trains as engine ``torch`` unless ``one_process =
+        "zero"`` or an offload (which needs ZeRO) is asked for."""
+        params = self.params
+        return processes > 1 or params.one_process == "zero" or params.offload_optimizer or params.offload_params
+
     def setup(self, run: Any) -> torch.device:
         self.run = run
         self._check_recipe(run)
         self.user = self._user_config(run)
-        device = super().setup(run)
         deepspeed = _deepspeed()
+        self.zero = self.uses_zero(run.dist.world_size)
+        if not self.zero:
+            run.log("engine deepspeed: one process, so nothing to shard: training as engine 'torch' (no fp32 "
+                    "master copy, no ZeRO buckets); engine.one_process = \"zero\" keeps ZeRO")
+            return super().setup(run)
+        device = super().setup(run)
         if not run.dist.distributed:
             self._single_process_group(device)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
@@ -309,7 +324,7 @@ class DeepSpeedEngine(Engine):
 
     # -- the config ---------------------------------------------------------------------------
 
-    def config(self, spec: OptimizerSpec | None = None) -> dict[str, Any]:
+    def config(self, spec: OptimizerSpec | None = None, trainable_numel: int | None = None) -> dict[str, Any]:
         """The DeepSpeed config of a phase (``spec``; None: what model construction needs)."""
         params, recipe = self.params, self.run.recipe
         zero: dict[str, Any] = {"stage": params.zero_stage}
@@ -330,6 +345,11 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
+        if trainable_numel is not None:
+            # DeepSpeed allocates its buckets whole (5e8 elements, 2 GB in fp32, by default): no
+            # larger than what they carry
+            bucket = int(min(ZERO_REDUCE_BUCKET, max(trainable_numel, 1 << 20)))
+            zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
         if spec is not None:
             config["train_micro_batch_size_per_gpu"] = spec.batch_size
             config["gradient_accumulation_steps"] = spec.grad_accum
@@ -342,7 +362,7 @@ class DeepSpeedEngine(Engine):
     # -- the engine contract ------------------------------------------------------------------
 
     def model_init_context(self) -> contextlib.AbstractContextManager | None:
-        return self._zero3_construction() if self.params.zero_stage == 3 else None
+        return self._zero3_construction() if self.zero and self.params.zero_stage == 3 else None
 
     @contextlib.contextmanager
     def _zero3_construction(self) -> Iterator[None]:
@@ -370,14 +390,14 @@ class DeepSpeedEngine(Engine):
 
     @property
     def collective_forwards(self) -> bool:  # type: ignore[override]
-        return self.params.zero_stage == 3
+        return self.zero and self.params.zero_stage == 3
 
     @contextlib.contextmanager
     def forward_only(self, model: nn.Module) -> Iterator[Any]:
         """At ZeRO-3 a forward needs DeepSpeed's parameter hooks, which a finished phase's engine
         took with it: an inference engine (no optimiser) over :class:`CallOn` of the model fetches
         each layer's parameters as the computation reaches it, on every process; torn down after."""
-        if self.params.zero_stage != 3:
+        if not self.collective_forwards:
             yield lambda fn: fn(model)
             return
         engine, *_ = _deepspeed().initialize(model=CallOn(model), config=self.config(), dist_init_required=False)
@@ -392,4 +412,22 @@ class DeepSpeedEngine(Engine):
             yield {name: t.detach().clone() for name, t in module.state_dict().items()}
 
     def start(self, target, spec: OptimizerSpec, run: Any) -> EngineSession:
+        if not self.zero:
+            return TorchSession(target, spec, run.device)
         return DeepSpeedSession(target, spec, self)
+
+    def memory(self, gpus: int) -> EngineMemory:
+        params = self.params
+        if not self.uses_zero(gpus):
+            return EngineMemory(notes=("deepspeed with one process trains as engine 'torch' (engine.one_process)",))
+        stage = params.zero_stage
+        notes = [f"ZeRO-{stage}: fp32 master copy and optimiser state / {gpus}, gradients / {gpus}"
+                 + (f", parameters / {gpus}" if stage == 3 else "")]
+        if params.offload_params:
+            notes.append("parameters offloaded to CPU memory (offload_params)")
+        if params.offload_optimizer:
+            notes.append("optimiser state and master copy offloaded to CPU memory (offload_optimizer)")
+        return EngineMemory(
+            param_shards=gpus if stage == 3 else 1, grad_shards=gpus, optimizer_shards=gpus,
+            params_offloaded=params.offload_params, optimizer_offloaded=params.offload_optimizer, master_copy=True,
+            bucket_elements=ZERO_REDUCE_BUCKET, bucket_floor=1 << 20, gathered_layers=2 if stage == 3 else 0, notes=tuple(notes))
