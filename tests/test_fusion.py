@@ -90,3 +90,43 @@ def test_gradients_of_the_combine_parameters_match_the_reference(combine):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-11)
+
+
+def _router_loss(mlp, x, direction):
+    return (mlp(x) * direction).sum()
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+@pytest.mark.parametrize(("top_k", "gate"), [(1, "auto"), (2, "auto"), (2, "softmax")])
+def test_the_router_gets_the_task_gradient_through_every_combine_step(combine, top_k, gate):
+    """Every combine step weights the experts by the router's probabilities (the full softmax, or the
+    gate over the chosen k), so the task loss reaches the router's parameters: nonzero, and equal to a
+    central finite difference along a random direction (a probability detached anywhere on the way gives
+    zero, or a gradient that disagrees). The router itself computes in float32, hence the step size."""
+    from srde_testkit import make_router as router_of
+
+    mlp = layer(combine, top_k=top_k, dtype=torch.float64)
+    mlp.router = router_of(16, 4, top_k, 0, gate=gate).double()
+    with torch.no_grad():
+        mlp.router.gate.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    direction = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    weight = mlp.router.gate.weight
+    mlp.zero_grad()
+    _router_loss(mlp, x, direction).backward()
+    assert weight.grad is not None and torch.count_nonzero(weight.grad) > 0, combine
+    step = torch.randn(weight.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    eps = 1e-3  # the router computes in float32: a smaller step drowns in its rounding
+    with torch.no_grad():
+        choice = mlp.router(x).experts
+        weight += eps * step
+        plus = _router_loss(mlp, x, direction)
+        assert torch.equal(mlp.router(x).experts, choice)  # the step is too small to change a choice
+        weight -= 2 * eps * step
+        minus = _router_loss(mlp, x, direction)
+        assert torch.equal(mlp.router(x).experts, choice)
+        weight += eps * step
+    numeric = float((plus - minus) / (2 * eps))
+    analytic = float((weight.grad * step).sum())
+    assert abs(numeric) > 1e-6
+    assert analytic == pytest.approx(numeric, rel=2e-3)

@@ -165,3 +165,55 @@ def test_routing_is_computed_in_float32():
     router = make_router().to(torch.bfloat16)
     routing = router(tokens().to(torch.bfloat16))
     assert routing.logits.dtype == torch.float32 and routing.weights.dtype == torch.float32
+
+
+# ---- forced routing: equal weights over the experts forced per token, whatever the router's top_k ----
+
+
+@pytest.mark.parametrize("router_top_k", [1, 3])
+@pytest.mark.parametrize("forced_k", [1, 2])
+def test_forced_experts_are_weighted_by_the_number_forced_not_by_the_router_top_k(forced_k, router_top_k):
+    router = make_router(experts=6, top_k=router_top_k)
+    x = tokens(n=12)
+    generator = torch.Generator().manual_seed(4)
+    forced = torch.stack([torch.randperm(6, generator=generator)[:forced_k] for _ in range(12)])
+    routing = router(x, ForwardContext(forced_experts=forced))
+    assert torch.equal(routing.experts, forced)
+    # each token gets the mean of its forced experts: 1 for one, 1/2 each for two (not 1/router top_k)
+    assert torch.equal(routing.weights, torch.full((12, forced_k), 1.0 / forced_k))
+    assert torch.equal(routing.weights.sum(1), torch.ones(12))
+    # the probabilities and logits stay the router's own (auxiliary losses read them)
+    unforced = router(x)
+    assert torch.equal(routing.probs, unforced.probs) and torch.equal(routing.logits, unforced.logits)
+
+
+@pytest.mark.parametrize("forced_k", [1, 2])
+def test_a_layer_with_forced_experts_adds_the_mean_of_their_deltas(forced_k):
+    """W + (1/k) sum of the forced experts' dense deltas, computed by hand, with a router of top_k 3."""
+    from srde_testkit import MaskedDenseBank
+
+    generator = torch.Generator().manual_seed(5)
+    base = _MLP().requires_grad_(False)
+    banks = {}
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        out, inp = getattr(base, name).weight.shape
+        positions = torch.stack([torch.randperm(out * inp, generator=generator)[: out * inp // 2] for _ in range(6)])
+        bank = MaskedDenseBank(out, inp, positions)
+        with torch.no_grad():
+            bank.delta.normal_(0.0, 0.5, generator=generator)
+        banks[name] = bank
+    mlp = SRDEMLP(base, make_router(experts=6, top_k=3), banks, layer=0)
+    forced = torch.stack([torch.randperm(6, generator=generator)[:forced_k] for _ in range(4)])
+    x = tokens(n=4)
+    with mlp.context.using(ForwardContext(forced_experts=forced)), torch.no_grad():
+        y = mlp(x)
+
+    def project(name, t, v):
+        linear = getattr(base, name)
+        weight = linear.weight + sum(banks[name].delta_weight(int(e)) for e in forced[t]) / forced_k
+        return torch.nn.functional.linear(v, weight)
+
+    for t in range(4):
+        v = x[t]
+        by_hand = project("down_proj", t, torch.nn.functional.silu(project("gate_proj", t, v)) * project("up_proj", t, v))
+        torch.testing.assert_close(y[t], by_hand, rtol=1e-5, atol=1e-6)
