@@ -40,3 +40,29 @@ def test_on_this_cpu_machine_the_run_falls_back_and_says_so(plugins, micro_recip
     assert any(line.startswith("flash attention: falling back to sdpa (no CUDA GPU") for line in lines)
     kwargs = [k for k in plugins.hook.srde_model_load_kwargs(recipe=recipe) if k]
     assert kwargs == []  # the recipe's sdpa stays
+
+
+def test_a_package_that_fails_to_import_falls_back_with_its_reason():
+    settings = FlashAttentionParams(enabled=True)
+    implementation, why = choose(settings, cuda=True, installed={"flash_attn"}, fallback="sdpa", capability=(9, 0),
+                                 broken={"flash_attn": "fails to import (ImportError: undefined symbol: _ZN3c10)"})
+    assert implementation == "sdpa" and "undefined symbol" in why
+
+
+def test_a_gpu_older_than_the_kernel_falls_back_with_its_reason():
+    settings = FlashAttentionParams(enabled=True)
+    implementation, why = choose(settings, cuda=True, installed={"flash_attn"}, fallback="sdpa", capability=(7, 5))
+    assert implementation == "sdpa" and "8.0" in why and "7.5" in why
+    # flash-attn 3 wants Hopper; on an Ampere GPU auto takes flash-attn 2
+    ampere = choose(settings, cuda=True, installed={"flash_attn_interface", "flash_attn"}, fallback="sdpa", capability=(8, 0))
+    assert ampere[0] == "flash_attention_2"
+
+
+def test_import_failure_names_the_error(tmp_path, monkeypatch):
+    from srde_plugins.attention import import_failure
+
+    (tmp_path / "broken_flash_pkg.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    why = import_failure("broken_flash_pkg")
+    assert why is not None and "OSError" in why and "libcudart" in why
+    assert import_failure("json") is None
