@@ -108,10 +108,14 @@ def srde_prepare_data(data: DataBundle, run: RunContext) -> None:
 @hookspec
 def srde_forward_context(context: ForwardContext, batch: dict[str, Any], phase: Phase, run: RunContext) -> None:
     """Add per-token metadata to the :class:`~srde_core.model.context.ForwardContext` of a
-    training forward (a budget from a difficulty head, a forced assignment, ...).
+    forward (a budget from a difficulty head, a forced assignment, ...).
 
-    Called before every training forward pass whose model has experts attached, after the core
-    filled ``domain_ids`` and ``difficulty`` from the batch. Change ``context`` in place; return None.
+    Called before every forward pass of a model with experts attached, in every mode
+    (``context.mode``: ``"train"``, ``"eval"``, ``"generate"``), after the core filled
+    ``input_ids``, ``attention_mask``, ``domain_ids`` and ``difficulty`` from ``batch``. ``phase``
+    is the training phase, None outside training. During generation ``batch`` holds the ids of
+    the tokens being processed (the new tokens, with the KV cache) and the attention mask, once per
+    generated token. Change ``context`` in place; return None.
     """
 
 

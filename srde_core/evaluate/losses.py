@@ -90,8 +90,9 @@ def domain_losses(
     """Token-weighted mean NLL per domain over ``batches`` (from :func:`eval_batches`).
 
     The model runs as it is: wrap the call in :func:`srde_core.evaluate.evaluation_state` to pick
-    base or SRDE. With ``experts`` (the attached handle), each forward runs in a forward context
-    carrying the batch's domain ids, and ``after_forward(batch, context)`` is called after it (with
+    base or SRDE. With ``experts`` (the attached handle), each forward runs in the forward context
+    the core builds for it (``experts.make_context(batch, "eval")``: ids, mask, domain ids,
+    difficulty, plugins' ``srde_forward_context``), and ``after_forward(batch, context)`` is called after it (with
     the batch on ``device``), e.g. to count the routings the context recorded. ``forward(fn)``
     runs ``fn(model)`` (an engine's forward-only mode, :meth:`Engine.forward_only`; default: a
     plain call).
@@ -101,7 +102,7 @@ def domain_losses(
     counts = torch.zeros(len(domains), dtype=torch.long, device=device)
     for cpu_batch in batches:
         batch = {k: v.to(device) for k, v in cpu_batch.items()}
-        context = ForwardContext(domain_ids=batch["domain_ids"])
+        context = experts.make_context(batch, "eval") if experts is not None else ForwardContext.from_batch(batch, "eval")
         with experts.forward_context(context) if experts is not None else contextlib.nullcontext():
             nll, domain_ids = (forward or (lambda fn: fn(model)))(lambda m: next_token_nll(m, batch))
         if after_forward is not None:

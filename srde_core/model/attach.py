@@ -29,6 +29,9 @@ from srde_core.model.projections import check_projections
 from srde_core.model.routing import Router, RouterType
 from srde_core.params import Params, describe_params
 
+#: The keyword arguments through which transformers hands a forward its KV cache.
+_CACHE_KWARGS = ("past_key_values", "cache")
+
 #: ``gather(tensors)``: a context in which (possibly partitioned) parameters are readable in full.
 Gather = Callable[[list[torch.Tensor]], contextlib.AbstractContextManager]
 
@@ -81,6 +84,14 @@ class SRDEModel:
         self._banks = {key: dict(per_proj) for key, per_proj in banks.items()}
         self._components = dict(components)
         self.context = context
+        #: ``hook(context, batch, phase)``, called on every context the core builds
+        #: (:meth:`make_context`); a run sets it to call the ``srde_forward_context`` hook.
+        self.context_hook: Callable[[ForwardContext, Mapping[str, Any], Any], None] | None = None
+        self._auto: list[contextlib.AbstractContextManager] = []
+        self._hooks = (
+            model.register_forward_pre_hook(self._open_for_forward, with_kwargs=True),
+            model.register_forward_hook(self._close_for_forward, with_kwargs=True, always_call=True),
+        )
         self.adapter = nn.ModuleDict(
             {
                 "routers": nn.ModuleDict({str(i): mlp.router for i, mlp in self._layers.items()}),
@@ -114,6 +125,34 @@ class SRDEModel:
         their routings are recorded in it."""
         with self.context.using(context if context is not None else ForwardContext()) as active:
             yield active
+
+    def make_context(self, batch: Mapping[str, Any], mode: str, phase: Any = None) -> ForwardContext:
+        """The forward context of ``batch`` (:meth:`ForwardContext.from_batch`), extended by
+        :attr:`context_hook` (plugins' ``srde_forward_context``), for training, eval and generation
+        alike; ``phase`` is the training phase (None outside training)."""
+        context = ForwardContext.from_batch(batch, mode)
+        if self.context_hook is not None:
+            self.context_hook(context, batch, phase)
+        return context
+
+    def _open_for_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward of the whole model with no context open (``model.generate``, a plain call)
+        gets one built by the core: the ids of the tokens it processes, its attention mask, and the
+        mode (``generate`` when the call asks for or carries a KV cache, as ``generate`` does)."""
+        if self.context.current is not None:
+            self._auto.append(contextlib.nullcontext())
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+        generating = kwargs.get("use_cache") is True or any(kwargs.get(k) is not None for k in _CACHE_KWARGS)
+        mode = "generate" if generating else ("train" if module.training else "eval")
+        using = self.context.using(self.make_context(batch, mode))
+        using.__enter__()
+        self._auto.append(using)
+
+    def _close_for_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._auto:
+            self._auto.pop().__exit__(None, None, None)
 
     def add_remap_listener(self, listener: RemapListener) -> None:
         """``listener(remaps)`` is called whenever any bank's parameters are remapped."""

@@ -156,6 +156,8 @@ def attach_from_recipe(run):
     """Freeze the run's base model and attach the recipe's experts; then let plugins configure it."""
     experts = attach_recipe_experts(run.model, run.recipe, gather=run.engine.gather if run.engine is not None else None)
     run.experts = experts  # plugins configuring the model see the handle
+    experts.context_hook = lambda context, batch, phase: run.hook.srde_forward_context(
+        context=context, batch=batch, phase=phase, run=run)
     run.hook.srde_configure_model(model=run.model, run=run)
     count = sum(p.numel() for p in experts.trainable_parameters().values())
     run.log(f"experts: {len(experts.layers)} layers, {count / 1e6:.2f}M trainable parameters")

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from srde_core.model.routing import Routing
 
 
+#: The forwards the core builds a context for.
+MODES = ("train", "eval", "generate")
+
+
 @dataclass
 class ForwardContext:
     """What a forward pass knows beyond the hidden states.
@@ -38,6 +42,11 @@ class ForwardContext:
         routers then use these, with equal gate weights (Phase 1 expert pre-training).
     :ivar budget: the fraction of its entries a bank may use per example or token, in (0, 1]
         (dynamic sparsity); banks that cannot vary their size ignore it.
+    :ivar input_ids: ``[B, S]`` the ids of the tokens this forward processes (during generation
+        with a KV cache: the new tokens only).
+    :ivar attention_mask: ``[B, S']`` as the model receives it (during generation it covers the
+        cached tokens too, ``S' >= S``).
+    :ivar mode: ``"train"``, ``"eval"`` or ``"generate"``: which forward the core built this for.
     :ivar routings: filled during the forward, decoder layer index -> :class:`Routing`.
     :ivar records: what modules record during the forward for the losses to read (a bank's
         difficulty predictions, ...), by a key the recording module chooses; overwritten, never
@@ -50,6 +59,23 @@ class ForwardContext:
     budget: torch.Tensor | None = None
     routings: dict[int, Routing] = field(default_factory=dict)
     records: dict[Any, Any] = field(default_factory=dict)
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    mode: str = "train"
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any], mode: str) -> ForwardContext:
+        """The context the core builds for a forward of ``batch`` (training, eval and generation
+        alike): its ``input_ids``, ``attention_mask``, ``domain_ids`` and ``difficulty``, where
+        present, and ``mode``."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return cls(domain_ids=batch.get("domain_ids"), difficulty=batch.get("difficulty"),
+                   input_ids=batch.get("input_ids"), attention_mask=batch.get("attention_mask"), mode=mode)
+
+    def token_ids(self, num_tokens: int) -> torch.Tensor | None:
+        """``[T]``: the id of each of the ``T`` flat tokens a layer sees (None without ids)."""
+        return None if self.input_ids is None else self.per_token(self.input_ids.reshape(-1), num_tokens)
 
     def per_token(self, value: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
         """``value`` (per example ``[B, ...]`` or per token ``[T, ...]``) as one row per token.

@@ -43,7 +43,9 @@ class Objective:
         return choice.weight.build() if isinstance(choice.weight, ComponentChoice) else float(choice.weight)
 
     def context_for(self, batch: dict[str, torch.Tensor]) -> ForwardContext:
-        context = ForwardContext(domain_ids=batch.get("domain_ids"), difficulty=batch.get("difficulty"))
+        """The core's training context of ``batch`` (``ForwardContext.from_batch``, mode
+        ``"train"``), extended by the plugins' ``srde_forward_context``."""
+        context = ForwardContext.from_batch(batch, "train")
         self.run.hook.srde_forward_context(context=context, batch=batch, phase=self.phase, run=self.run)
         return context
 
