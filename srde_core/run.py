@@ -36,9 +36,12 @@ def run_directory(recipe: Recipe) -> Path:
     return Path(recipe.output_dir) / recipe.name
 
 
-def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
-    """Refuse early (before any work) what ``prepare_run_directory`` would refuse later."""
+def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool, dist: Dist | None = None) -> Path:
+    """Refuse early (before any work) what ``prepare_run_directory`` would refuse later: among it, a
+    resume with another process count than the run's (each step's global batch, and so the result,
+    would differ from the uninterrupted run's)."""
     run_dir = run_directory(recipe)
+    dist = dist or Dist.from_env()
     saved = run_dir / RECIPE_FILE
     if resume:
         if not saved.is_file():
@@ -48,6 +51,15 @@ def check_run_directory(recipe: Recipe, *, resume: bool, fresh: bool) -> Path:
             raise SRDEError(
                 "the recipe differs from the one this run started with; resume needs the same recipe "
                 "and --set overrides (or use --fresh)",
+                source=str(run_dir),
+            )
+        started = previous.get("processes")
+        if started is not None and started != dist.world_size:
+            batches = ", ".join(f"{p.name} {p.batch_size * p.grad_accum * started} -> "
+                                f"{p.batch_size * p.grad_accum * dist.world_size}" for p in recipe.phases)
+            raise SRDEError(
+                f"the run started with {started} process{'es' if started != 1 else ''}, this resume has "
+                f"{dist.world_size}: the global batch would change ({batches}); resume it with {started}",
                 source=str(run_dir),
             )
     elif run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
@@ -71,6 +83,7 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool, inputs: 
     """
     run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
     if resume:
+        remove_temporaries(run_dir)
         return run_dir
     if fresh and (run_dir / RECIPE_FILE).is_file():  # only a run directory, and only this child of output_dir
         shutil.rmtree(run_dir)
@@ -78,16 +91,32 @@ def prepare_run_directory(recipe: Recipe, *, resume: bool, fresh: bool, inputs: 
     write_json_atomic(
         run_dir / RECIPE_FILE,
         {"fingerprint": recipe.fingerprint(), "path": str(recipe.path), "base_dir": str(recipe.base_dir),
-         "path_bases": dict(recipe.path_bases),
+         "path_bases": dict(recipe.path_bases), "processes": Dist.from_env().world_size,
          "recipe": recipe.resolved, **(inputs or {})},
     )
     return run_dir
 
 
+def remove_temporaries(run_dir: Path) -> None:
+    """Remove what writes killed midway left in ``run_dir`` (``.NAME.tmp``, ``.NAME.XXXX.tmp``, a
+    half-written checkpoint): the run directory is locked, so no live write owns them."""
+    from srde_core.train.checkpoints import CheckpointStore
+
+    for path in run_dir.glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    CheckpointStore(run_dir / "checkpoints").remove_temporaries()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON (strict: no NaN or Infinity) atomically; a file-system fault is one line naming it."""
+    from srde_core.train.checkpoints import writing
+
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    with writing(path, cleanup=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def read_run_json(path: Path, *, keys: tuple[str, ...] = (), remedy: str = "start over with --fresh") -> dict[str, Any]:
@@ -490,6 +519,6 @@ def open_finished_run(run_dir: str | Path, console, *, device: str | None = None
     run.base = BaseInfo(base["id"], base.get("weights"))
     if adapter.is_file():
         handle = run.attach_experts()
-        load_adapter(adapter, handle, base_model_id=base["id"])
+        load_adapter(adapter, handle, base_model_id=base["id"], recipe_hash=stored.get("fingerprint"))
     run.model.eval()
     return run

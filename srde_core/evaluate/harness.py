@@ -168,13 +168,20 @@ def evaluate_with_harness(run_dir: str | Path, tasks: list[str], *, experts: boo
 
     from srde_core.run import open_finished_run
 
+    if not tasks:
+        raise UsageError("--tasks names no task (a comma-separated list, e.g. srde_corpus_gen,srde_corpus_ll)",
+                         key="--tasks")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if include_path and not Path(include_path).is_dir():
+        raise UsageError(f"--include-path {include_path}: no such directory")
     paths = []
     if any(task in LOCAL_TASKS for task in tasks):
         import io
 
         from rich.console import Console
 
-        run = open_finished_run(run_dir, Console(file=io.StringIO()))
+        run = open_finished_run(run_dir, Console(file=io.StringIO()), check_data=True)  # the run's own eval rows
         paths.append(str(write_local_tasks(run, Path(run_dir) / "lm_eval")))
     if include_path:
         paths.append(include_path)

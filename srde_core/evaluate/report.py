@@ -78,7 +78,8 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False,
                                batch_size=settings.batch_size, device=run.device)
 
     result: dict = {"examples_per_domain": per_domain, "examples": len(rows), "domains": list(domains),
-                    "has_experts": experts is not None, "max_new_tokens": settings.max_new_tokens}
+                    "has_experts": experts is not None, "max_new_tokens": settings.max_new_tokens,
+                    "base_label": base_label(run)}
     with evaluation_state(model, experts, enabled=False):
         base_loss = domain_losses(model, batches, domains, device=run.device, forward=forward)
         base_acc = None if losses_only else accuracy()
@@ -99,6 +100,13 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False,
         for plan in experts.plans:
             result["routing"]["layers"][str(plan.layer)].update(num_experts=plan.num_experts, top_k=plan.top_k)
     return result
+
+
+def base_label(run) -> str:
+    """What the "base" column measured: the base model, or where a phase merged trained weights
+    into it (the base id ``ID+WHAT``, e.g. ``+peft-lora``), ``base + WHAT merged``."""
+    base_id = str(getattr(getattr(run, "base", None), "id", "") or "")
+    return f"base + {base_id.split('+', 1)[1]} merged" if "+" in base_id else "base"
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -126,7 +134,7 @@ def loss_table(result: dict):
 
     table = Table(title=f"Eval loss per domain ({result['examples_per_domain']} examples per domain)",
                   title_justify="left")
-    for name in ("domain", "tokens", "base", "SRDE", "Δ SRDE−base"):
+    for name in ("domain", "tokens", result.get("base_label", "base"), "SRDE", "Δ SRDE−base"):
         table.add_column(name, justify="left" if name == "domain" else "right")
     loss = result["loss"]
     for name, row in [*loss["domains"].items(), ("all", loss["all"])]:
@@ -142,7 +150,7 @@ def accuracy_table(result: dict):
     acc = result["accuracy"]
     table = Table(title=f"Answer accuracy per domain (greedy, ≤{result['max_new_tokens']} new tokens)",
                   title_justify="left")
-    for name in ("domain", "examples", "base", "SRDE", "Δ SRDE−base"):
+    for name in ("domain", "examples", result.get("base_label", "base"), "SRDE", "Δ SRDE−base"):
         table.add_column(name, justify="left" if name == "domain" else "right")
     for name, row in [*acc["domains"].items(), ("all", acc["all"])]:
         table.add_row(name if name != "all" else "[bold]all[/]", str(row["examples"]),

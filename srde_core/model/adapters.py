@@ -72,16 +72,20 @@ def save_adapter(
         "recipe_hash": recipe_hash,
         "srde_version": __version__,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from srde_core.train.checkpoints import check_finite_tensors, writing
+
+    check_finite_tensors(tensors, "the adapter")
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    with writing(path, cleanup=Path(tmp)):
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as any other file of the run (mkstemp makes it private)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -182,16 +186,20 @@ def _with_added(saved: Any, current: Any, where: str = "components") -> Any:
 
 
 def load_adapter(
-    path: str | os.PathLike[str], srde_model: SRDEModel, *, base_model_id: str
+    path: str | os.PathLike[str], srde_model: SRDEModel, *, base_model_id: str, recipe_hash: str | None = None
 ) -> AdapterMetadata:
     """Load the adapter at ``path`` into ``srde_model`` (in place) and return its metadata.
 
     The adapter must have been saved from the same base model id and the same SRDE structure
-    (:meth:`SRDEModel.describe`); otherwise an :class:`SRDEError` names the first difference and
-    nothing is loaded. An older format version loads with a warning.
+    (:meth:`SRDEModel.describe`), with ``recipe_hash`` (a run's: the adapter was written by that
+    run) when given, and hold finite values only; otherwise an :class:`SRDEError` names the first
+    difference and nothing is loaded. An older format version loads with a warning.
     """
     path = Path(path)
     meta = read_adapter_metadata(path)
+    if recipe_hash and meta.recipe_hash and meta.recipe_hash != recipe_hash:
+        raise _error(path, f"written by another run (recipe hash {meta.recipe_hash[:12]}, this run's "
+                           f"{recipe_hash[:12]}); it is not this run's adapter")
     if meta.format_version < FORMAT_VERSION:
         warnings.warn(
             f"{path}: adapter format version {meta.format_version} is older than {FORMAT_VERSION}; "
@@ -224,6 +232,11 @@ def load_adapter(
         if missing or unexpected:
             raise _error(path, f"tensors differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
         tensors = {key: f.get_tensor(key) for key in expected}
+    broken = [key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise _error(path, f"holds non-finite values ({broken[0]}{more}); srde never writes such an adapter, "
+                           "so it is damaged or not this run's")
     resizable = srde_model.resizable_state_keys()
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[key].shape) and key not in resizable:

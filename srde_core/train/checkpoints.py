@@ -12,11 +12,12 @@ needs it).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from srde_core.dist import SINGLE, Dist
+from srde_core.errors import SRDEError
 
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^(?P<phase>.+)-step(?P<step>\d+)$")
@@ -53,14 +55,80 @@ class Checkpoint:
                 source=str(self.path),
             )
         rng_file = self.path / f"rng-{rank}.pt"
-        rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
-        if rng is None:
-            warnings.warn(f"{self.path}: no RNG state for process {rank}; continuing with the current one", stacklevel=2)
-        return state, rng
+        if not rng_file.is_file():  # not intact: resuming from it would not be exact
+            raise FileNotFoundError(f"{rng_file.name} is missing")
+        return state, torch.load(rng_file, map_location="cpu", weights_only=False)
+
+
+_FAULTS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file size limit exceeded",
+           errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EIO: "input/output error"}
+
+
+def file_system_fault(err: BaseException, directory: Path) -> str | None:
+    """What the file system refused, in words, when ``err`` (raised while writing into
+    ``directory``) is a file-system fault: an ``OSError`` by its errno, or the wrapped forms of
+    torch's and safetensors' writers (which lose the errno: a full disk is then recognised by
+    its free space); None for anything else."""
+    if isinstance(err, OSError) and err.errno in _FAULTS:
+        return _FAULTS[err.errno]
+    text = str(err)
+    for code, words in _FAULTS.items():
+        if os.strerror(code) in text:
+            return words
+    if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError":
+        if "inline_container" in text or "write" in text.lower() or isinstance(err, OSError):
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(directory).free < 1 << 20:
+                    return "no space left on device"
+            return f"the write failed ({' '.join(text.split())[:160]})"
+    return None
+
+
+class FileSystemFault(SRDEError, OSError):
+    """The file system refused a write (one line naming it; still an ``OSError``)."""
+
+    def __init__(self, message: str):
+        SRDEError.__init__(self, message)
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, cleanup: Path | None = None):
+    """Run a write of ``path``; a file-system fault becomes one line naming it and the path
+    (exit status 1), and ``cleanup`` (the write's temporary file or directory) is removed."""
+    from srde_core.errors import SRDEError
+
+    try:
+        yield
+    except BaseException as err:
+        if cleanup is not None:
+            if cleanup.is_dir():
+                shutil.rmtree(cleanup, ignore_errors=True)
+            else:
+                cleanup.unlink(missing_ok=True)
+        fault = None if isinstance(err, SRDEError) else file_system_fault(err, path.parent)
+        if fault is None:
+            raise
+        raise FileSystemFault(f"{fault} writing {path}") from err
+
+
+class NonFiniteState(ValueError):
+    """A state about to be written holds NaN or infinite values."""
+
+
+def check_finite_tensors(state: dict[str, Any], what: str = "the state") -> None:
+    """Raise :class:`NonFiniteState` naming the first floating tensor of ``state`` that is not finite."""
+    broken = [key for key, value in state.items() if torch.is_tensor(value) and value.is_floating_point()
+              and not bool(torch.isfinite(value).all())]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise NonFiniteState(f"non-finite values in {what} ({broken[0]}{more})")
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Save a state dict as safetensors; tensors sharing storage (tied embeddings) are copied."""
+    """Save a state dict as safetensors; tensors sharing storage (tied embeddings) are copied.
+    Weights that are not finite are never written (:class:`NonFiniteState`)."""
+    check_finite_tensors(state, "the weights")
     seen: set[int] = set()
     tensors = {}
     for key, value in state.items():
@@ -86,11 +154,21 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+TEMPORARY = ".tmp-"  # prefix of a checkpoint being written
+
+
 class CheckpointStore:
     """The checkpoints of one run directory."""
 
     def __init__(self, root: Path):
         self.root = root
+
+    def remove_temporaries(self) -> list[Path]:
+        """Remove checkpoints a killed run left half-written (main process, run directory locked)."""
+        found = sorted(self.root.glob(f"{TEMPORARY}*")) if self.root.is_dir() else []
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        return found
 
     def list(self, phase: str) -> list[Checkpoint]:
         if not self.root.is_dir():
@@ -160,17 +238,26 @@ class CheckpointStore:
         """Write one checkpoint; called on every process. ``write(directory)`` stores the engine's
         part (each process its own), then every process its RNG state and the main process
         ``trainer_state``; the main process renames the directory into place."""
+        from srde_core.errors import SRDEError
+
         target = self.root / f"{phase}-step{step:07d}"
-        tmp = self.root / f".tmp-{target.name}"
+        tmp = self.root / f"{TEMPORARY}{target.name}"
         if dist.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            with writing(target):
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
         dist.barrier()
-        write(tmp)
-        torch.save(rng_state(), tmp / f"rng-{dist.rank}.pt")
-        if dist.is_main:
-            torch.save({**trainer_state, "format_version": FORMAT_VERSION, "phase": phase, "step": step}, tmp / "trainer.pt")
+        try:
+            with writing(target, cleanup=tmp if dist.is_main else None):
+                write(tmp)
+                torch.save(rng_state(), tmp / f"rng-{dist.rank}.pt")
+                if dist.is_main:
+                    torch.save({**trainer_state, "format_version": FORMAT_VERSION, "phase": phase, "step": step},
+                               tmp / "trainer.pt")
+        except NonFiniteState as err:
+            raise SRDEError(f"phase '{phase}', step {step}: {err}; stopped, the checkpoint was not written",
+                            source=str(self.root.parent)) from None
         dist.barrier()
         if dist.is_main:
             if target.exists():

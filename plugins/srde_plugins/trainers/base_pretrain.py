@@ -20,9 +20,18 @@ from srde_core.train.trainer import Trainer
 
 
 def base_key(run, phase) -> str:
-    """The cache key of a trained base: model, tokenizer, data, data settings, phase and seed."""
+    """The cache key of a trained base: model, tokenizer, data, data settings, phase and seed, and
+    what changes the trained weights besides: the engine and its settings, the process count (the
+    global batch, the reduction order), the device type and the autocast dtype on it."""
+    from srde_core.train.engine import autocast_dtype
+
     recipe = run.recipe.resolved
+    device = torch.device(run.device)
     ingredients = {
+        "engine": recipe["engine"],
+        "processes": run.dist.world_size,
+        "device": device.type,
+        "precision": str(autocast_dtype(phase.precision, device)),
         "model": recipe["model"],
         "tokenizer": run.tokenizer.fingerprint,
         "data": run.data.fingerprint,
