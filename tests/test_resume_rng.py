@@ -5,6 +5,8 @@ forward and adds it to the objective, so the trajectory depends on the RNG state
 run stopped after its checkpoint at step 4 (a ``KeyboardInterrupt`` raised from
 ``srde_after_step`` at step 5, as Ctrl-C would) and resumed must end exactly where the
 uninterrupted run ends: that needs the engine state, the RNG state and the data position restored.
+The load-balance weight is an ``adaptive`` schedule, whose ramp follows the loss trend step by step:
+its state (progress, rate, moving average) must come back from the checkpoint too.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def write_recipe(directory: Path) -> Path:
         f"steps = {STEPS}\n"
         "batch_size = 8\n"
         "lr = 1e-2\n"
-        'losses = ["lm", { name = "load_balance", weight = 0.01 }, { name = "rng_noise", weight = 1.0 }]\n'
+        'losses = ["lm", { name = "load_balance", weight = { name = "adaptive", start = 0.0, end = 0.05, steps = 8,'
+        ' patience = 1 } }, { name = "rng_noise", weight = 1.0 }]\n'
         f"checkpoint_every = {CHECKPOINT_EVERY}\n"
         "keep_checkpoints = 2\n"
         "log_every = 1\n"
@@ -126,3 +129,15 @@ def test_resumed_adapter_equals_the_uninterrupted_one_exactly(runs):
     assert expected.keys() == got.keys() and expected
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_the_adaptive_loss_weight_resumes_where_it_was(runs):
+    reference, resumed, *_ = runs
+    expected = [r["load_balance_weight"] for r in records(reference)]
+    got = [r["load_balance_weight"] for r in records(resumed)]
+    # the ramp's rate followed the loss trend: not the nominal 0.05 * step / 8 of a fixed rate
+    nominal = [0.05 * min(1.0, step / 8) for step in range(STEPS)]
+    assert expected[0] == 0.0 and all(b > a for a, b in zip(expected, expected[1:]))
+    assert any(abs(e - n) > 1e-6 for e, n in zip(expected[CHECKPOINT_EVERY * 2:], nominal[CHECKPOINT_EVERY * 2:]))
+    # after the resume at step 4 the weight goes on from the checkpointed state, exactly
+    assert got == expected
