@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import RECIPES, run_recipe_in
+from srde_core.dist import Dist
 from srde_testkit import start_torchrun
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_available(),
@@ -137,6 +138,47 @@ def kill_everything(launcher: subprocess.Popen) -> None:
     while not all(gone(pid) for pid in workers):
         assert time.time() < deadline, "the workers outlived SIGKILL"
         time.sleep(0.05)
+
+
+# -- what a process other than the main one writes: nothing of the run directory ------------------
+
+
+class OtherProcess(Dist):
+    """Rank 1 of 2 whose collectives are those of a lone process: the main process is left out."""
+
+    @property
+    def distributed(self) -> bool:
+        return False
+
+
+class MetricsRecorder:
+    """Stands in for the metrics log: records every line written to it."""
+
+    def __init__(self):
+        self.lines: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.lines.append(record)
+
+
+def test_a_process_other_than_the_main_one_writes_no_metrics_and_no_trainer_state(tmp_path, plugins):
+    """The experts phase of a finished micro run driven again as rank 1 of 2 (in this process, in a
+    few seconds): it logs every step, yet writes no metrics line, and its checkpoint holds its RNG
+    state only (the main process writes the trainer state, and the run directory)."""
+    from srde_core.train.checkpoints import CheckpointStore
+
+    run = run_recipe_in(tmp_path, RECIPES / "micro.toml", plugins,
+                        ["phases.base.steps=1", "phases.experts.steps=2", "phases.experts.log_every=1"])
+    phase = run.recipe.phases[-1]
+    run.dist, run.metrics, run.resume = OtherProcess(rank=1, world_size=2), MetricsRecorder(), False
+    run.checkpoints = CheckpointStore(tmp_path / "other" / "checkpoints")
+    # the main process's part of the final checkpoint: the directory the processes write into
+    shared = run.checkpoints.root / f".tmp-{phase.name}-step{phase.steps:07d}"
+    shared.mkdir(parents=True)
+    result = phase.trainer.build().run(run, phase)
+    assert result and result["step"] == phase.steps  # the phase ran, and logged its steps
+    assert run.metrics.lines == [], "a process other than the main one wrote metrics lines"
+    assert sorted(p.name for p in shared.iterdir()) == ["rng-1.pt"]
 
 
 # -- the runs ------------------------------------------------------------------------------------
