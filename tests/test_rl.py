@@ -1,5 +1,7 @@
-"""RL fine-tuning (`srde_plugins.rl`): on a two-answer task the micro model can learn, GRPO and PPO
-raise the reward, the adaptive KL keeps the policy near its budget, and a resumed RL phase is exact."""
+"""RL fine-tuning (`srde_plugins.rl`) end to end: on a two-answer task the micro model can learn, GRPO
+and PPO raise the reward, the KL coefficient follows its controller, the reference is the policy as
+the phase starts, the reward model learns, and a resumed RL phase is exact. The maths is unit-tested
+in tests/test_rl_maths.py."""
 
 from __future__ import annotations
 
@@ -39,49 +41,123 @@ def rl_plugins():
     return load_plugins(extra=[("says-yes", SaysYesPlugin())])
 
 
-def rl_run(workdir, plugins, *overrides, resume=False):
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for the module's runs: the tiny base is pre-trained once (with attention dropout, so that
+    the RL steps' forwards are random and only a shared random stream makes old and new agree)."""
+    return tmp_path_factory.mktemp("rl-cache")
+
+
+SHARED = ['phases.base.trainer={ name = "base_pretrain", cache = true }', "model.config.attention_dropout = 0.1"]
+
+
+def rl_run(workdir, plugins, cache, *overrides, resume=False, recipe=None, phase="rl"):
     from conftest import RECIPES, run_recipe_in
 
-    run_recipe_in(workdir, RECIPES / "rl_micro.toml", plugins, list(overrides), resume=resume)
+    settings = [*SHARED, f'cache_dir="{cache}"', *overrides] if recipe is None else [f'cache_dir="{cache}"', *overrides]
+    run_recipe_in(workdir, recipe or RECIPES / "rl_micro.toml", plugins, settings, resume=resume)
     lines = (workdir / "runs" / "rl" / "metrics.jsonl").read_text().splitlines()
-    return [m for m in map(json.loads, lines) if m["phase"] == "rl"]
+    return [m for m in map(json.loads, lines) if m["phase"] == phase]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_the_reward_goes_up_on_a_task_the_micro_model_can_learn(tmp_path, rl_plugins, algorithm):
-    trainer = f'phases.rl.trainer={{ name = "{algorithm}", group_size = 8, max_new_tokens = 2, epochs = 2, verifier = "says_yes" }}'
-    rows = rl_run(tmp_path, rl_plugins, trainer)
+def test_grpo_raises_the_reward_with_old_and_new_log_probs_that_agree(tmp_path, rl_plugins, shared_cache):
+    trainer = ('phases.rl.trainer={ name = "grpo", group_size = 8, max_new_tokens = 2, epochs = 2, verifier = "says_yes", '
+               'kl_coef = 0.05, kl_target = 0.5, kl_horizon = 100 }')
+    rows = rl_run(tmp_path, rl_plugins, shared_cache, trainer)
     rewards = [r["reward"] for r in rows]
     early, late = sum(rewards[:3]) / 3, sum(rewards[-4:]) / 4
     assert 0.2 < early < 0.7, rewards  # the base says yes about half the time
     assert late > early + 0.15, rewards
     assert all(key in rows[-1] for key in ("kl", "kl_coef", "clip_fraction", "accuracy", "grad_norm"))
+    # old log-probs in the update's mode, at the sampling temperature and on the same random stream
+    # (attention dropout is on): the first update's ratio is exactly 1
+    assert [r["ratio_drift"] for r in rows] == pytest.approx([0.0] * len(rows), abs=1e-5)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy as the phase starts
+    # Ziegler et al.'s proportional controller on the per-answer KL, 32 answers a step
+    for before, after in zip(rows, rows[1:]):
+        error = min(max(before["kl"] / 0.5 - 1, -0.2), 0.2)
+        assert after["kl_coef"] == pytest.approx(before["kl_coef"] * (1 + error * 32 / 100), rel=1e-9)
+    assert rows[-1]["kl_coef"] != rows[0]["kl_coef"]
 
 
-def test_the_adaptive_kl_keeps_the_policy_within_its_budget(tmp_path, rl_plugins):
-    def late_kl(workdir, settings):
-        trainer = f'phases.rl.trainer={{ name = "grpo", group_size = 8, max_new_tokens = 2, epochs = 2, verifier = "says_yes", {settings} }}'
-        workdir.mkdir()
-        rows = rl_run(workdir, rl_plugins, trainer, "phases.rl.steps=16")
-        return sum(r["kl"] for r in rows[-6:]) / 6, rows
+REWARD_MODEL = 'reward_model = { name = "head", weight = 0.1, lr = 1e-2, updates = 8 }'
 
-    target = 0.02
-    held, rows = late_kl(tmp_path / "held", f"kl_target = {target}, kl_coef = 0.2")
-    free, _ = late_kl(tmp_path / "free", "kl_coef = 0.0")
-    assert rows[-1]["kl_coef"] > 0.2  # the controller raised the penalty while the KL was above budget
-    assert held < free and held < 3 * target, (held, free)
+WARM_THEN_PPO = """
+extends = "{base}"
+
+[model.config]
+hidden_size = 64
+intermediate_size = 128
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+head_dim = 32
+tie_word_embeddings = true
+attention_dropout = 0.1
+
+[data]
+train_files = ["{data}"]
+
+[[phases]]
+name = "base"
+trainer = {{ name = "base_pretrain", cache = true }}
+steps = 40
+batch_size = 16
+lr = 1e-2
+
+[[phases]]
+name = "warm"
+trainer = {{ name = "grpo", group_size = 4, max_new_tokens = 2, epochs = 1, verifier = "says_yes" }}
+steps = 2
+batch_size = 4
+lr = 1e-2
+log_every = 1
+
+[[phases]]
+name = "rl"
+trainer = {{ name = "ppo", group_size = 8, max_new_tokens = 2, epochs = 2, verifier = "says_yes", {reward_model} }}
+steps = 10
+batch_size = 4
+lr = 1e-2
+log_every = 1
+checkpoint_every = 5
+"""
 
 
-def test_a_resumed_rl_phase_ends_exactly_where_an_uninterrupted_one_does(tmp_path, rl_plugins):
-    trainer = 'phases.rl.trainer={ name = "ppo", group_size = 4, max_new_tokens = 2, epochs = 2, verifier = "says_yes" }'
-    rows = rl_run(tmp_path, rl_plugins, trainer)
+def test_ppo_with_a_reward_model_learns_and_resumes_exactly(tmp_path, rl_plugins, shared_cache):
+    """A PPO phase after another RL phase: its KL reference is the experts as it starts (not the base),
+    the reward and the reward model learn, and a resumed phase ends exactly where this one does."""
+    from conftest import RECIPES
+
+    recipe = tmp_path / "warm_then_ppo.toml"
+    recipe.write_text(WARM_THEN_PPO.format(base=RECIPES / "rl_micro.toml", data=RECIPES.parent / "data" / "yes_no.jsonl",
+                                           reward_model=REWARD_MODEL))
+    rows = rl_run(tmp_path, rl_plugins, shared_cache, recipe=recipe)
     run_dir = tmp_path / "runs" / "rl"
+    # the reference is the policy at the phase's start: the first step's KL is 0, though the warm phase
+    # trained the experts away from the base (with the experts off as the reference it is not 0)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    rewards = [r["reward"] for r in rows]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:3]) / 3 + 0.1, rewards
+    errors = [r["rm_error"] for r in rows]  # on each step's answers, before it is fitted to them
+    assert errors[0] == pytest.approx(rows[0]["accuracy"])  # it starts at 0 (says_yes: reward = accuracy)
+    early, late = sum(errors[:2]) / 2, sum(errors[-5:]) / 5
+    # the best constant guess of a 0/1 reward with mean a is off by 2a(1-a) on average
+    constant = sum(2 * r["accuracy"] * (1 - r["accuracy"]) for r in rows[-5:]) / 5
+    assert late < 0.6 * early and late < 0.75 * constant, (errors, constant)
+
     full = load_file(run_dir / "adapter.safetensors")
-    shutil.rmtree(run_dir / "checkpoints" / "rl-step0000012")
+    learned = load_file(run_dir / "reward_model-rl.safetensors")
+    assert learned["out.weight"].abs().sum() > 0
+    shutil.rmtree(run_dir / "checkpoints" / "rl-step0000010")
     (run_dir / "adapter.safetensors").unlink()
-    resumed_rows = rl_run(tmp_path, rl_plugins, trainer, resume=True)
+    (run_dir / "reward_model-rl.safetensors").unlink()
+    resumed_rows = rl_run(tmp_path, rl_plugins, shared_cache, recipe=recipe, resume=True)
     resumed = load_file(run_dir / "adapter.safetensors")
+    relearned = load_file(run_dir / "reward_model-rl.safetensors")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert learned.keys() == relearned.keys() and all(torch.equal(learned[k], relearned[k]) for k in learned)
+    assert [r["rm_error"] for r in resumed_rows[-5:]] == [r["rm_error"] for r in rows[-5:]]
     assert resumed_rows[-1]["reward"] == rows[-1]["reward"] and resumed_rows[-1]["kl"] == rows[-1]["kl"]
 
 
@@ -91,22 +167,6 @@ def test_the_verifier_kind_is_declared_by_the_rl_plugin(plugins):
     assert plugins.registries["verifier"].spec.provider == "rl"
     assert "answer" in plugins.registries["verifier"].names()
     assert RLParams.model_fields["verifier"].json_schema_extra["srde_slot"]["kind"] == "verifier"
-
-
-REWARD_MODEL = 'reward_model = { name = "head", weight = 0.1, lr = 1e-2, updates = 8 }'
-
-
-def test_the_reward_model_learns_to_predict_the_verifiers_reward(tmp_path, rl_plugins):
-    trainer = f'phases.rl.trainer={{ name = "grpo", group_size = 8, max_new_tokens = 2, epochs = 2, verifier = "says_yes", {REWARD_MODEL} }}'
-    rows = rl_run(tmp_path, rl_plugins, trainer)
-    errors = [r["rm_error"] for r in rows]  # on each step's answers, before it is fitted to them
-    assert errors[0] == pytest.approx(rows[0]["accuracy"])  # it starts at 0 (says_yes: reward = accuracy)
-    early, late = sum(errors[:2]) / 2, sum(errors[-6:]) / 6
-    # the best constant guess of a 0/1 reward with mean a is off by 2a(1-a) on average
-    constant = sum(2 * r["accuracy"] * (1 - r["accuracy"]) for r in rows[-6:]) / 6
-    assert late < 0.6 * early and late < 0.75 * constant, (errors, constant)
-    saved = load_file(tmp_path / "runs" / "rl" / "reward_model-rl.safetensors")
-    assert saved["out.weight"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("objective", ["regression", "bradley_terry"])
@@ -125,23 +185,6 @@ def test_the_reward_model_orders_the_answers_to_a_prompt_as_the_verifier_does(ob
     predicted, r = trainer.predict(answer).view(-1, 8), rewards.view(-1, 8)
     better = r[:, :, None] > r[:, None, :]  # answer i to a prompt earned more than answer j
     assert bool(before.eq(0).all()) and bool((predicted[:, :, None] > predicted[:, None, :])[better].all())
-
-
-def test_an_rl_phase_with_a_reward_model_resumes_exactly(tmp_path, rl_plugins):
-    trainer = f'phases.rl.trainer={{ name = "ppo", group_size = 4, max_new_tokens = 2, epochs = 2, verifier = "says_yes", {REWARD_MODEL} }}'
-    rows = rl_run(tmp_path, rl_plugins, trainer)
-    run_dir = tmp_path / "runs" / "rl"
-    full = load_file(run_dir / "adapter.safetensors")
-    learned = load_file(run_dir / "reward_model-rl.safetensors")
-    shutil.rmtree(run_dir / "checkpoints" / "rl-step0000012")
-    (run_dir / "adapter.safetensors").unlink()
-    (run_dir / "reward_model-rl.safetensors").unlink()
-    resumed_rows = rl_run(tmp_path, rl_plugins, trainer, resume=True)
-    resumed = load_file(run_dir / "adapter.safetensors")
-    relearned = load_file(run_dir / "reward_model-rl.safetensors")
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert learned.keys() == relearned.keys() and all(torch.equal(learned[k], relearned[k]) for k in learned)
-    assert [r["rm_error"] for r in resumed_rows[-6:]] == [r["rm_error"] for r in rows[-6:]]
 
 
 def test_the_reward_model_kind_is_declared_by_the_rl_plugin(plugins):

@@ -2,13 +2,19 @@
 
 One driver step: sample answers to the step's prompts (the policy: experts on), score them, compute
 the log-probabilities of the sampled tokens under the policy at sampling time and under the reference
-(experts off), then ``epochs`` clipped updates, then the reward model's updates, if any. The step
-driver supplies resume, checkpoints, metrics, RNG (sampling uses the global RNG, restored on resume)
-and the data position.
+(the policy at the phase's start, or the experts off), then ``epochs`` clipped updates, then the
+reward model's updates, if any. The old, reference and new log-probabilities are taken at the
+sampling temperature, in the mode the updates train in, and with the same random stream (one seed per
+step), so that dropout or a stochastic selector draws the same noise in each and the first update's
+ratio is exactly 1. The maths is in :mod:`srde_plugins.rl.objective`. The step driver supplies
+resume, checkpoints, metrics, RNG (sampling uses the global RNG, restored on resume) and the data
+position.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +26,11 @@ from srde_core.model.context import ForwardContext
 from srde_core.train.checkpoints import save_tensors
 from srde_core.train.driver import StepContext, TrainingTarget, drive
 from srde_core.train.trainer import Trainer
+from srde_plugins.rl.kl import ExpertsOff, InitialPolicy, kl_controller
+from srde_plugins.rl.objective import (
+    answer_imbalance, answer_logprobs, clipped_surrogate, clipped_value_loss, gae, group_advantages, k3_kl,
+    token_mean, whiten,
+)
 
 
 @dataclass
@@ -35,31 +46,12 @@ class Rollout:
     verified: torch.Tensor  # [N]: the verifier's score
     correct: torch.Tensor  # [N]
     old: torch.Tensor  # [N, C] log-probabilities under the sampling policy
-    ref: torch.Tensor  # [N, C] log-probabilities under the reference (experts off)
+    ref: torch.Tensor  # [N, C] log-probabilities under the reference
+    seed: int  # the random stream of every forward of this step (same noise in old, ref and new)
     values: torch.Tensor | None = None  # [N, C] (ppo)
     answer: tuple[torch.Tensor, torch.Tensor] | None = None  # [N, H] twice: what a reward model reads
     predicted: torch.Tensor | None = None  # [N]: the reward model's prediction
-
-
-class KLController:
-    """The KL coefficient, adapted toward ``target`` when one is set (checkpointed)."""
-
-    def __init__(self, coef: float, target: float | None):
-        self.coef, self.target = coef, target
-
-    def update(self, kl: float) -> None:
-        if self.target is None:
-            return
-        if kl > 1.5 * self.target:
-            self.coef *= 1.5
-        elif kl < self.target / 1.5:
-            self.coef /= 1.5
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"coef": self.coef}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.coef = state["coef"]
+    imbalance: torch.Tensor | None = None  # [N]: each answer's own load imbalance (utilization_weight)
 
 
 class GRPO(Trainer):
@@ -75,9 +67,11 @@ class GRPO(Trainer):
         self.run_ctx = run
         self.experts = run.attach_experts()
         self.verifier = self.params.verifier.build()
-        self.kl = KLController(self.params.kl_coef, self.params.kl_target)
+        self.kl = kl_controller(self.params)
         self.lm_head = run.model.get_output_embeddings()
         parameters = dict(self.experts.trainable_parameters())
+        initial = self.params.reference == "initial"
+        self.reference = InitialPolicy(dict(parameters)) if initial else ExpertsOff(self.experts)
         self.value_head = None
         if self.uses_values:
             hidden = self.experts.stack.hidden_size
@@ -85,7 +79,7 @@ class GRPO(Trainer):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
             parameters.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
-        state = {"kl": self.kl}
+        state = {"kl": self.kl, **({"reference": self.reference} if initial else {})}
         self.reward_model = None
         if self.params.reward_model is not None:
             from srde_plugins.rl.reward_model import RewardModelTrainer
@@ -120,26 +114,42 @@ class GRPO(Trainer):
         run, p = ctx.run, self.params
         rows = run.data.train.select(ctx.batches.indices(ctx.step * ctx.phase.grad_accum))
         rollout = self.rollout(ctx, [dict(row) for row in rows])
-        advantages, returns = self.advantages(rollout)
+        advantages, returns = self.advantages(rollout, run.dist)
         stats: dict[str, float] = {}
-        clipped = []
-        for _ in range(p.epochs):
-            with ctx.session.autocast():
-                loss, clip_fraction = self.loss(ctx, rollout, advantages, returns)
+        clipped, drift = [], 0.0
+        for epoch in range(p.epochs):
+            with ctx.session.autocast(), self.same_noise(rollout.seed, run.device):
+                loss, clip_fraction, ratio_drift = self.loss(ctx, rollout, advantages, returns)
             ctx.session.backward(loss)
             stats = ctx.session.step()
             clipped.append(clip_fraction)
+            drift = ratio_drift if epoch == 0 else drift
         learned = {}
         if self.reward_model is not None:
             learned = self.reward_model.fit(rollout.answer, rollout.verified, rollout.predicted)
-        kl = float(((rollout.old - rollout.ref) * rollout.valid).sum() / rollout.valid.sum().clamp_min(1))
+        # the KL the controller sees: per sequence (summed over an answer's tokens), mean over every process's answers
+        per_sequence = ((rollout.old - rollout.ref) * rollout.valid).sum(1)
+        totals = run.dist.all_sum(torch.stack([per_sequence.sum().double(), torch.tensor(float(len(per_sequence)),
+                                                                                        dtype=torch.float64, device=per_sequence.device)]))
+        kl, sequences = float(totals[0] / totals[1]), int(totals[1])
         metrics = {
             "loss": float(loss.detach()), "reward": float(rollout.rewards.mean()), "accuracy": float(rollout.correct.mean()),
-            "kl": kl, "kl_coef": self.kl.coef, "clip_fraction": sum(clipped) / len(clipped), **stats,
+            "kl": kl, "kl_coef": self.kl.coef, "clip_fraction": sum(clipped) / len(clipped), "ratio_drift": drift, **stats,
             "tokens": int(rollout.mask.sum()), **learned,
         }
-        self.kl.update(kl)
+        if rollout.imbalance is not None:
+            metrics["answer_imbalance"] = float(rollout.imbalance.mean())
+        self.kl.update(kl, sequences)
         return metrics
+
+    @staticmethod
+    @contextmanager
+    def same_noise(seed: int, device) -> Iterator[None]:
+        """Run a block on the random stream ``seed``, leaving the global one as it was."""
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
     @torch.no_grad()
     def rollout(self, ctx: StepContext, rows: list[dict[str, Any]]) -> Rollout:
@@ -168,9 +178,10 @@ class GRPO(Trainer):
             rewards.append(score)
             correct.append(1.0 if score > 0 else 0.0)
         batch = self.pack(prompts, answers, tok.pad_id, run.device)
-        with evaluation_state(model, self.experts, enabled=True), self.experts.forward_context(ForwardContext()) as seen:
+        seed = int(torch.randint(0, 2**62, (1,)))
+        with self.same_noise(seed, run.device), self.experts.forward_context(ForwardContext()) as seen:
             old, hidden, states = self.logprobs(ctx, batch, grad=False)
-        with evaluation_state(model, self.experts, enabled=False):
+        with self.same_noise(seed, run.device), self.reference.active():
             ref, _, _ = self.logprobs(ctx, batch, grad=False)
         verified = torch.tensor(rewards, device=run.device)
         rewards_t = verified.clone()
@@ -179,13 +190,22 @@ class GRPO(Trainer):
             answer = self.answer_summary(states, batch)
             predicted = self.reward_model.predict(answer)
             rewards_t = rewards_t + self.reward_model.params.weight * predicted
+        imbalance = None
         if p.utilization_weight and seen.routings:
-            loads = torch.stack([r.load() for r in seen.routings.values()])  # [layers, E]
-            imbalance = float((loads.shape[1] * loads.pow(2).sum(1) - 1).mean())
-            rewards_t = rewards_t - p.utilization_weight * imbalance
+            imbalance = self.imbalance(seen.ordered_routings(), batch)
+            rewards_t = rewards_t - p.utilization_weight * imbalance.to(rewards_t.dtype)
         values = self.value_head(hidden).squeeze(-1) * batch["valid"] if self.value_head is not None else None
         return Rollout(batch["ids"], batch["mask"], batch["positions"], batch["targets"], batch["valid"], rewards_t,
-                       verified, torch.tensor(correct, device=run.device), old, ref, values, answer, predicted)
+                       verified, torch.tensor(correct, device=run.device), old, ref, seed, values, answer, predicted,
+                       imbalance)
+
+    @staticmethod
+    def imbalance(routings: list, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each answer's own expert load imbalance, ``[N]``: over its answer tokens' routing only
+        (not the prompt's, not padding), mean over layers; the utilisation term of its reward, so
+        that answers of one group that route differently get different rewards."""
+        at = batch["positions"] + 1  # each answer token's own position
+        return torch.stack([answer_imbalance(r.experts, r.num_experts, at, batch["valid"]) for r in routings]).mean(0)
 
     @staticmethod
     def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -217,8 +237,7 @@ class GRPO(Trainer):
             hidden = ctx.session.forward(input_ids=batch["ids"], attention_mask=batch["mask"])
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         picked = hidden[rows, batch["positions"]]  # [N, C, H]
-        logits = self.lm_head(picked).float()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None]).squeeze(-1)
+        logprobs = answer_logprobs(self.lm_head(picked), batch["targets"], self.params.temperature)
         return logprobs * batch["valid"], picked.float(), hidden
 
     def answer_summary(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,66 +252,57 @@ class GRPO(Trainer):
         return (hidden[rows, at].float() * valid).sum(1) / count, (embedded * valid).sum(1) / count
 
     # -- the objective --------------------------------------------------------------------------
-    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def advantages(self, rollout: Rollout, dist) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per answer token: the group-relative advantage of its answer (GRPO)."""
-        g = self.params.group_size
-        rewards = rollout.rewards.view(-1, g)
-        normalised = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+        normalised = group_advantages(rollout.rewards, self.params.group_size)
         return normalised.reshape(-1, 1).expand_as(rollout.old) * rollout.valid, None
 
-    def policy_terms(self, new: torch.Tensor, rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        eps = self.params.clip
-        ratio = torch.exp(new - rollout.old)
-        surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
-        clipped = ((ratio - 1).abs() > eps) & rollout.valid
-        return -surrogate, clipped
+    def policy_terms(self, new: torch.Tensor, rollout: Rollout, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The clipped surrogate per token, where it clipped, and the largest ``|ratio - 1|``."""
+        policy, clipped = clipped_surrogate(new, rollout.old, advantages, self.params.clip)
+        drift = ((new.detach() - rollout.old).exp() - 1).abs()[rollout.valid]
+        return policy, clipped & rollout.valid, float(drift.max()) if drift.numel() else 0.0
 
-    def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float]:
-        batch = {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
-                 "valid": rollout.valid}
-        new, _, _ = self.logprobs(ctx, batch, grad=True)
-        policy, clipped = self.policy_terms(new, rollout, advantages)
-        delta = rollout.ref - new
-        kl = torch.exp(delta) - delta - 1  # k3: an unbiased, non-negative KL(new || ref) estimate
-        per_token = (policy + self.kl.coef * kl) * rollout.valid
+    @staticmethod
+    def _batch(rollout: Rollout) -> dict[str, torch.Tensor]:
+        return {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
+                "valid": rollout.valid}
+
+    def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float, float]:
+        """DeepSeekMath's GRPO objective (eq. 3): per answer, the mean over its tokens of the clipped
+        surrogate plus ``beta`` times the k3 KL to the reference; the mean over answers."""
+        new, _, _ = self.logprobs(ctx, self._batch(rollout), grad=True)
+        policy, clipped, drift = self.policy_terms(new, rollout, advantages)
+        per_token = (policy + self.kl.coef * k3_kl(new, rollout.ref)) * rollout.valid
         lengths = rollout.valid.sum(1).clamp_min(1)
         loss = (per_token.sum(1) / lengths).mean()
-        return loss, float(clipped.sum() / rollout.valid.sum().clamp_min(1))
+        return loss, float(clipped.sum() / rollout.valid.sum().clamp_min(1)), drift
 
 
 class PPO(GRPO):
-    """Clipped PPO with a value head, GAE over the answer tokens, and the KL to the reference in the reward."""
+    """Clipped PPO with a value head, GAE over the answer tokens, and the KL to the reference in the
+    reward, as Ziegler et al. 2019 and OpenAI's ``lm-human-preferences`` (``train_policy.py``): per
+    token the reward is ``-beta (log pi - log pi_ref)``, plus the answer's score at its last token;
+    advantages by GAE (``gamma``, ``gae_lambda``), whitened over the batch; the clipped value loss;
+    token means and whitening over every process."""
 
     uses_values = True
 
-    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    def advantages(self, rollout: Rollout, dist) -> tuple[torch.Tensor, torch.Tensor]:
         valid = rollout.valid.float()
         rewards = -self.kl.coef * (rollout.old - rollout.ref) * valid
         last = (valid.sum(1).long() - 1).clamp_min(0)
         rows = torch.arange(rewards.shape[0], device=rewards.device)
         rewards[rows, last] += rollout.rewards
-        values = rollout.values
-        advantages = torch.zeros_like(rewards)
-        running = torch.zeros(rewards.shape[0], device=rewards.device)
-        lam, width = self.params.gae_lambda, rewards.shape[1]
-        for t in reversed(range(width)):  # gamma = 1; the value after the last token is 0
-            carry = valid[:, t + 1] if t + 1 < width else torch.zeros_like(running)
-            next_value = values[:, t + 1] * carry if t + 1 < width else torch.zeros_like(running)
-            delta = rewards[:, t] + next_value - values[:, t]
-            running = (delta + lam * running * carry) * valid[:, t]
-            advantages[:, t] = running
-        returns = advantages + values
-        mean = advantages[rollout.valid].mean()
-        std = advantages[rollout.valid].std().clamp_min(1e-6) if int(rollout.valid.sum()) > 1 else torch.ones(())
-        return ((advantages - mean) / std) * valid, returns
+        advantages = gae(rewards, rollout.values, rollout.valid, self.params.gamma, self.params.gae_lambda)
+        returns = advantages + rollout.values
+        return whiten(advantages, rollout.valid, dist), returns
 
-    def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float]:
-        batch = {"ids": rollout.ids, "mask": rollout.mask, "positions": rollout.positions, "targets": rollout.targets,
-                 "valid": rollout.valid}
-        new, hidden, _ = self.logprobs(ctx, batch, grad=True)
-        policy, clipped = self.policy_terms(new, rollout, advantages)
+    def loss(self, ctx, rollout: Rollout, advantages, returns) -> tuple[torch.Tensor, float, float]:
+        dist = ctx.run.dist
+        new, hidden, _ = self.logprobs(ctx, self._batch(rollout), grad=True)
+        policy, clipped, drift = self.policy_terms(new, rollout, advantages)
         values = self.value_head(hidden).squeeze(-1)
-        tokens = rollout.valid.sum().clamp_min(1)
-        value_loss = (((values - returns) ** 2) * rollout.valid).sum() / tokens
-        loss = (policy * rollout.valid).sum() / tokens + self.params.value_coef * value_loss
-        return loss, float(clipped.sum() / tokens)
+        value_loss = clipped_value_loss(values, rollout.values, returns, self.params.value_clip)
+        loss = token_mean(policy, rollout.valid, dist) + self.params.value_coef * token_mean(value_loss, rollout.valid, dist)
+        return loss, float(clipped.sum() / rollout.valid.sum().clamp_min(1)), drift
