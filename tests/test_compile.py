@@ -211,3 +211,46 @@ def test_fullgraph_with_banks_that_do_not_trace_is_one_line():
     compiler = RegionalCompiler(CompileParams(enabled=True, fullgraph=True), chosen=True)
     with pytest.raises(RecipeError, match=r"plugins.compile.fullgraph: SparseDeltaBank do not trace .* use fullgraph = false"):
         compiler.experts_attached(layers, banks)
+
+
+def test_a_run_with_phase1_warm_start_and_eval_recompiles_at_most_once_per_layer(tmp_path, caplog):
+    """Training steps compile each layer once (again once for dynamic shapes); the forwards between
+    them (the router warm start, the eval) run eagerly instead of compiling every layer again per
+    grad mode and shape, which filled dynamo's budget (18 recompiles in 2 steps of 2 layers)."""
+    import logging
+    import textwrap
+
+    from conftest import RECIPES, run_recipe_in
+
+    recipe = tmp_path / "phase1.toml"
+    recipe.write_text(textwrap.dedent(f"""
+        extends = "{RECIPES / 'micro.toml'}"
+        name = "compiled"
+        [model]
+        gradient_checkpointing = true
+        [[phases]]
+        name = "pretrain"
+        trainer = {{ name = "expert_pretrain", warm_start_examples = 4 }}
+        sampler = "domain_balanced"
+        steps = 2
+        batch_size = 6
+        [[phases]]
+        name = "experts"
+        trainer = "joint"
+        steps = 2
+        batch_size = 6
+        [plugins.compile]
+        enabled = true
+        backend = "aot_eager"
+    """))
+    torch._logging.set_logs(recompiles=True)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="torch._dynamo"):
+            run = run_recipe_in(tmp_path, recipe, PLUGINS)
+            from srde_core.evaluate.report import evaluate
+
+            evaluate(run, losses_only=True)
+    finally:
+        torch._logging.set_logs()
+    recompiles = [r.getMessage() for r in caplog.records if "Recompiling function" in r.getMessage()]
+    assert len(recompiles) <= 2, "\n".join(recompiles)  # 2 layers

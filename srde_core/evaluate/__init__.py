@@ -20,7 +20,12 @@ from contextlib import contextmanager
 def evaluation_state(model, experts=None, *, enabled: bool = True) -> Iterator[None]:
     """Inside the block: ``model`` in eval mode, no gradients, and the experts of ``experts`` (an
     ``SRDEModel`` handle or ``None``) switched on or off per ``enabled``. On exit, every module's
-    train/eval mode and every SRDE layer's on/off state is what it was before, even on errors."""
+    train/eval mode and every SRDE layer's on/off state is what it was before, even on errors.
+
+    Compiled layers run eagerly inside (``torch.compiler.set_stance("force_eager")``): a few
+    forwards between training steps (a warm start, an eval, generation) in another grad mode and
+    at other shapes would each compile the layers again, for every layer, and fill dynamo's
+    recompile budget that the training steps need."""
     import torch
 
     # Per module and per layer: a caller may have set parts differently (e.g. a frozen base in
@@ -34,7 +39,7 @@ def evaluation_state(model, experts=None, *, enabled: bool = True) -> Iterator[N
             experts.set_enabled(enabled)
         # no_grad, not inference_mode: tensors a layer caches while evaluating must stay usable
         # by autograd if training continues afterwards.
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             yield
     finally:
         for module, training in modes:

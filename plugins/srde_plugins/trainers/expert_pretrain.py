@@ -90,6 +90,7 @@ def layer_centroids(run, experts, rows: list[int], batch_size: int):
     samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in experts.layers}
     current: dict[str, torch.Tensor] = {}
 
+    @torch.compiler.disable
     def hook(module, args):
         hidden = args[0].reshape(-1, args[0].shape[-1]).double().cpu()[current["mask"]]
         total = sums.get(module.layer, torch.zeros(num_domains, hidden.shape[1], dtype=torch.float64))
