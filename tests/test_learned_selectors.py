@@ -221,14 +221,14 @@ def test_gumbel_hardens_to_the_chosen_positions_and_the_optimiser_state_follows(
     assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
 
 
-def test_spiel_grows_where_the_gradient_is_large_and_drops_what_changed_least():
+def test_spiel_grows_where_the_gradient_is_large_and_drops_the_smallest_entries():
     out, inp = 6, 8
     bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25, "grow": "dense"}, out, inp, density=1 / 6)
     positions = bank.entry_positions().clone()  # 8 per expert: the top |W|, shared
     assert positions.shape == (EXPERTS, 8)
     free = sorted(set(range(out * inp)) - set(positions[0].tolist()))
     targets = [free[3:5], free[10:12], free[20:22]]  # where each expert's gradient is made large
-    stale = [[0, 5], [2, 7], [1, 3]]  # the slots whose values hardly changed
+    stale = [[0, 5], [2, 7], [1, 3]]  # the slots of smallest |value|
     with torch.no_grad():
         bank.values.copy_(1.0 + torch.rand(bank.values.shape, generator=torch.Generator().manual_seed(1)))
         for e, slots in enumerate(stale):
@@ -255,8 +255,7 @@ def test_spiel_grows_where_the_gradient_is_large_and_drops_what_changed_least():
     for e in range(EXPERTS):
         kept = [p for slot, p in enumerate(positions[e].tolist()) if slot not in stale[e]]
         assert moved[e].tolist() == sorted(kept + targets[e])
-    # kept entries keep their values, grown ones start at 0; the next update measures change from here
-    assert torch.equal(bank.selector.last_values, bank.effective_values().detach())
+    # kept entries keep their values, grown ones start at 0
     for e in range(EXPERTS):
         grown = torch.isin(moved[e], torch.tensor(targets[e]))
         assert bool((bank.values[e, grown] == 0).all()) and bool((bank.values[e, ~grown].abs() >= 1).all())
@@ -400,7 +399,7 @@ def measured_gradient(bank) -> torch.Tensor | None:
     """What a spiel selector measured: the dense ``[E, out, in]`` gradient (grow = "dense"), or the
     accumulated gradient at its candidate pool, ``[E, C, k]`` in pool order."""
     selector = bank.selector
-    if selector.grow == "dense":
+    if selector._gradient is not None:  # grow = "dense", or the step that picks a gradient pool
         return selector._gradient
     _, slot = selector._pool_entries(bank)
     total = selector.pool_gradient if selector._local_gradient is None else selector.pool_gradient + selector._local_gradient
@@ -412,7 +411,7 @@ def measured_gradient(bank) -> torch.Tensor | None:
 def test_spiel_measures_the_gradient_of_each_experts_dense_delta(grow, block):
     """``G_e = sum_t w_t g_t x_t^T``: the gradient of the loss with respect to a dense ``dW_e`` (at
     every position, or at the entries of the candidate pool)."""
-    bank = make_bank({"name": "spiel", "every": 1, "grow": grow}, block=block).double()
+    bank = make_bank({"name": "spiel", "every": 1, "grow": grow, "pool": "uniform"}, block=block).double()
     routing = routing_of(13, 2, 9)
     x = torch.randn(13, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     grad = torch.randn(13, INTERMEDIATE, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
@@ -429,10 +428,10 @@ def test_spiel_measures_the_gradient_of_each_experts_dense_delta(grow, block):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
 def test_spiel_candidates_grow_the_largest_accumulated_gradient_in_the_pool_and_redraw_it(block):
-    """grow = "candidates": the pool holds cells no expert owns, the same for the same seed; the
+    """grow = "candidates", pool = "uniform": the pool holds cells no expert owns, the same for the same seed; the
     gradient is summed over the steps of a window; growth takes the pool's largest; then a new
     pool is drawn."""
-    selector = {"name": "spiel", "every": 2, "fraction": 0.25, "grow": "candidates", "candidates": 2}
+    selector = {"name": "spiel", "every": 2, "fraction": 0.25, "grow": "candidates", "candidates": 2, "pool": "uniform"}
     bank = make_bank(selector, block=block, density=0.2)
     twin = make_bank(selector, block=block, density=0.2)
     pool = bank.selector.pool.clone()
@@ -516,3 +515,98 @@ def test_gumbel_noise_is_standard_gumbel_fresh_per_step_and_the_same_within_one(
     correlation = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     assert abs(correlation) < 0.02  # standard error 0.002
     assert not torch.equal(draws[0, 0], draws[0, 1])  # experts draw their own noise
+
+
+def set_deltas(bank, deltas: torch.Tensor) -> None:
+    """Set the values so that the bank's entries ``value * sigmoid(importance)`` are ``deltas``."""
+    with torch.no_grad():
+        bank.values.copy_(deltas / torch.sigmoid(bank.importance))
+
+
+def one_step(bank, step: int, seed: int) -> None:
+    routing = routing_of(11, 2, seed, dtype=bank.values.dtype)
+    x = torch.randn(11, bank.in_features, generator=torch.Generator().manual_seed(seed), dtype=bank.values.dtype)
+    bank(x, BankCall(routing, ForwardContext())).sum().backward()
+    bank.selector.after_step(bank, step, 10, SINGLE)
+
+
+@pytest.mark.parametrize("grow", ["dense", "candidates"])
+def test_spiel_keeps_a_large_converged_entry_and_drops_a_small_moving_one(grow):
+    """SpIEL (and RigL) drop the entries of smallest |phi|: an entry at 2.0 that no longer changes
+    stays, one at 0.06 that is still moving goes."""
+    bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25, "grow": grow}, 4, 4, density=0.25)
+    assert bank.count == 4  # one entry moves per update
+    set_deltas(bank, torch.tensor([[2.0, 1.0, 1.0, 0.5]]).expand(EXPERTS, 4))
+    one_step(bank, 1, 1)  # drops the 0.5 entries, grows one at 0 per expert
+    positions = bank.entry_positions().clone()
+    deltas = bank.effective_values().detach()
+    converged = deltas.eq(2.0).nonzero()[:, 1].view(EXPERTS, 1)
+    grown = deltas.eq(0.0).nonzero()[:, 1].view(EXPERTS, 1)
+    moving = deltas.eq(1.0)
+    with torch.no_grad():  # the next window: 2.0 stays where it was, the others move
+        values = deltas.clone()
+        values[moving] = 1.5
+        values.scatter_(1, grown, 0.06)
+    set_deltas(bank, values)
+    converged_at = torch.gather(positions, 1, converged)
+    grown_at = torch.gather(positions, 1, grown)
+    bank.zero_grad()
+    one_step(bank, 2, 2)
+    after = bank.entry_positions()
+    for e in range(EXPERTS):
+        assert bool(torch.isin(converged_at[e], after[e]).all())
+        assert not bool(torch.isin(grown_at[e], after[e]).any())
+    assert bool((bank.effective_values().detach().abs().max(dim=1).values == 2.0).all())
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+def test_spiel_ag_picks_its_candidates_by_gradient_magnitude_and_accumulates_them(block):
+    """SpIEL-AG (the default pool): the candidates are the unowned cells of largest |G_e| in the
+    first step after an update; their gradient is summed from that step to the next update, whose
+    growth takes the largest sums; the next window picks a new pool."""
+    out, inp = 8, 8
+    bank = make_bank({"name": "spiel", "every": 2, "fraction": 0.25, "candidates": 2}, out, inp,
+                     density=0.25, block=block).double()
+    selector: SpIEL = bank.selector
+    assert selector.pool_choice == "gradient" and not bool(selector.pool_ready)
+    owned = bank.selection_positions().clone()
+    grid = bank.selection_scores(torch.zeros(1, out, inp)).shape[1]
+    size = selector.pool.shape[1]
+    assert size == min(2 * round(0.25 * owned.shape[1]), grid - owned.shape[1]) and size >= 2
+    set_deltas(bank, 1.0 + torch.rand(bank.values.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+
+    def dense_gradient(seed):
+        routing = routing_of(13, 2, seed)
+        x = torch.randn(13, inp, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        grad = torch.randn(13, out, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+        bank(x, BankCall(routing, ForwardContext())).backward(grad)
+        dense = torch.zeros(EXPERTS, out, inp, dtype=torch.float64, requires_grad=True)
+        y = (routing.weights[..., None].detach() * torch.einsum("tkoi,ti->tko", dense[routing.experts], x)).sum(1)
+        return torch.autograd.grad((y * grad).sum(), dense)[0]
+
+    first = dense_gradient(3)
+    selector.after_step(bank, 1, 10, SINGLE)
+    score = bank.selection_scores(first).scatter(1, owned, -math.inf)
+    expected_pool = torch.sort(torch.topk(score, size, dim=1).indices, dim=1).values
+    assert bool(selector.pool_ready) and torch.equal(selector.pool, expected_pool)
+    for e in range(EXPERTS):
+        assert not bool(torch.isin(selector.pool[e], owned[e]).any())
+    second = dense_gradient(5)
+    entries = bank.selection_entries(selector.pool)  # [E, C, k]
+    total = first + second
+    torch.testing.assert_close(measured_gradient(bank), torch.gather(total.reshape(EXPERTS, -1), 1, entries.flatten(1)).view(entries.shape))
+    pool = selector.pool.clone()
+    sums = torch.gather(total.reshape(EXPERTS, -1), 1, entries.flatten(1)).view(entries.shape).norm(dim=2)
+    moves = round(0.25 * owned.shape[1])
+    expected_grown = torch.sort(torch.gather(pool, 1, torch.topk(sums, moves, dim=1).indices), dim=1).values
+    selector.after_step(bank, 2, 10, SINGLE)
+    after = bank.selection_positions()
+    for e in range(EXPERTS):
+        grown = after[e][~torch.isin(after[e], owned[e])]
+        assert torch.equal(torch.sort(grown).values, expected_grown[e])
+    assert not bool(selector.pool_ready) and selector.pool_gradient.abs().sum() == 0
+    dense_gradient(7)  # the next window's first step picks a new pool, none of it owned
+    selector.after_step(bank, 3, 10, SINGLE)
+    assert bool(selector.pool_ready)
+    for e in range(EXPERTS):
+        assert not bool(torch.isin(selector.pool[e], after[e]).any())

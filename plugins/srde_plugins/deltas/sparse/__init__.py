@@ -6,7 +6,9 @@ learned importance logit ``s`` per position. Its delta is
 
     dW_e[positions[e, j]] = v[e, j] * sigmoid(s[e, j])        and 0 everywhere else.
 
-Values start at 0, so an untrained bank leaves the base model unchanged. Importance starts at
+(``importance = "entry"``, the default; ``"expert"`` keeps one logit per expert and weight,
+``"none"`` none: ``dW_e[positions[e, j]] = v[e, j]``.) Values start at 0, so an untrained bank
+leaves the base model unchanged. Importance starts at
 ``init_importance`` (default 0.0: sigmoid 0.5, where the importance gradient is largest, so a
 position can become more or less important from the first steps on). Training updates ``values``
 and ``importance``; the positions are a buffer saved with the adapter.
@@ -45,6 +47,14 @@ class SparseDeltaParams(Params):
         ge=-20.0,
         le=20.0,
         description="initial importance logit of every position (its weight is sigmoid of this)",
+    )
+    importance: Literal["entry", "expert", "none"] = Field(
+        "entry",
+        description=(
+            "the learned importance logits that scale the values: 'entry' (one per entry or block "
+            "entry: value x sigmoid(importance)), 'expert' (one per expert and weight: the expert's "
+            "values x sigmoid(its logit)), 'none' (values only: dW = value)"
+        ),
     )
     cache_inputs: bool = Field(
         True,
@@ -118,13 +128,21 @@ class SpielParams(Params):
         "candidates",
         description=(
             "where the gradient that picks new entries is measured: 'candidates' (SpIEL-AG: at "
-            "`candidates` x moved entries per expert drawn after each update, accumulated until the "
-            "next; memory proportional to the entries) or 'dense' (every position, in the update "
-            "step only: an [experts, out, in] buffer, for small models)"
+            "`candidates` x moved entries per expert, chosen once per window as `pool` says, "
+            "accumulated until the next update) or 'dense' (every position, in the update step "
+            "only: an [experts, out, in] buffer, for small models)"
         ),
     )
     candidates: float = Field(
         4.0, ge=1.0, description="grow = 'candidates': candidate positions per expert, in multiples of the entries moved"
+    )
+    pool: Literal["gradient", "uniform"] = Field(
+        "gradient",
+        description=(
+            "grow = 'candidates': how the candidates are chosen; 'gradient' (SpIEL-AG): the unowned "
+            "positions of largest gradient in the first step after each update (an [experts, out, in] "
+            "buffer during that step); 'uniform': drawn at random (no dense buffer at any step)"
+        ),
     )
 
     _until = field_validator("until")(_phase_point)
@@ -160,5 +178,5 @@ def srde_register(registry):
     )
     registry.add(
         "selector", "spiel", f"{here}.learned:SpIEL.from_params", SpielParams,
-        "Learned: drop the entries that changed least, grow where the accumulated gradient is largest (SpIEL).",
+        "Learned: drop the entries of smallest |delta|, grow where the accumulated gradient is largest (SpIEL).",
     )

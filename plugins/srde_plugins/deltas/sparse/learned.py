@@ -131,13 +131,14 @@ class GumbelTopK(Selector):
 
 
 class SpIEL(Selector):
-    """Drop-and-grow (SpIEL, Ansell et al. 2024): entries move to where the gradient is large.
+    """Drop-and-grow (SpIEL, Ansell et al. 2024, "Scaling Sparse Fine-Tuning to Large Language
+    Models"; the drop rule of RigL, Evci et al. 2020): entries move to where the gradient is large.
 
     The entries start where the ``start`` selector puts them. After every ``every``-th optimiser
     step, up to step ``until`` (a fraction of the phase, or a step), each expert drops the
-    ``n = round(fraction * P)`` entries whose effective value changed least since the last update,
-    ``|v_now - v_last|`` (new entries count from 0), and grows ``n`` entries at positions it does
-    not own where the gradient of its delta is largest,
+    ``n = round(fraction * P)`` entries of smallest magnitude ``|phi|`` (phi: the entry of the
+    delta, ``value * sigmoid(importance)``, i.e. how far training has moved that weight), and grows
+    ``n`` entries at positions it does not own where the gradient of its delta is largest,
 
         |G_e| = |sum over e's tokens t of w_t g_t x_t^T|        (w_t: gate weight, g_t = dL/dy_t),
 
@@ -145,22 +146,29 @@ class SpIEL(Selector):
     summed, then over processes). ``grow`` says where ``G_e`` is measured:
 
     - ``"candidates"`` (SpIEL-AG, the default): ``candidates * n`` positions per expert not owned,
-      drawn uniformly after each update (from a seed, so every process and a resumed run draw the
-      same), where ``G_e`` is accumulated over every step up to the next update; memory ``[E, C]``,
-      proportional to the entries tuned, so it scales to any weight.
+      where ``G_e`` is accumulated over every step of a window (from the first step after an update
+      to the next update); memory ``[E, C]`` for the accumulation. ``pool`` says how the
+      candidates are chosen, once per window:
+
+      - ``"gradient"`` (the default, as SpIEL-AG and its reference code do): the positions of
+        largest ``|G_e|`` in the window's first step (an ``[E, out, in]`` buffer during that one
+        step; that step's gradient is the first term of the accumulated sum);
+      - ``"uniform"``: drawn uniformly at random after each update (from a seed, so every process
+        and a resumed run draw the same); no dense buffer at any step, so it scales to any weight,
+        but at low density the pool covers little of the weight and growth is close to random.
     - ``"dense"``: every position, in the update step only; exact, but an ``[E, out, in]`` buffer
       during that step (small models).
 
     New entries start at value 0 (``set_positions``), so a move leaves the delta unchanged apart
-    from the dropped entries. On a bank of blocks the same happens a block at a time: the change
-    of a block is the norm of its values' change, its gradient score the Frobenius norm of ``G_e``
-    over the block (``bank.selection_entries`` / ``bank.selection_scores``).
+    from the dropped entries. On a bank of blocks the same happens a block at a time: the magnitude
+    of a block is the norm of its entries, its gradient score the Frobenius norm of ``G_e`` over the
+    block (``bank.selection_entries`` / ``bank.selection_scores``).
     """
 
     moves_entries = True
 
     def __init__(self, start: Selector, every: int, fraction: float, until: int | float, grow: str = "candidates",
-                 candidates: float = 4.0):
+                 candidates: float = 4.0, pool: str = "gradient"):
         super().__init__()
         self.start = start
         self.every = every
@@ -168,7 +176,10 @@ class SpIEL(Selector):
         self.until = until
         self.grow = grow
         self.candidates = candidates
-        self._gradient: torch.Tensor | None = None  # grow = "dense": the update step's [E, out, in]
+        self.pool_choice = pool
+        # this step's dense [E, out, in] gradient: grow = "dense" in an update step, pool = "gradient"
+        # in the first step of a window
+        self._gradient: torch.Tensor | None = None
         self._pool_structure = None  # grow = "candidates": the CSR structure of the pool's entries
         # this process's sum of the current step; added, summed over processes, to ``pool_gradient``
         # after the step, so the saved buffer is the global sum on every process (exact resume)
@@ -176,7 +187,8 @@ class SpIEL(Selector):
 
     @classmethod
     def from_params(cls, params) -> SpIEL:
-        return cls(params.start.build(), params.every, params.fraction, params.until, params.grow, params.candidates)
+        return cls(params.start.build(), params.every, params.fraction, params.until, params.grow, params.candidates,
+                   params.pool)
 
     def select(self, weight: torch.Tensor, num_experts: int, count: int, generator: torch.Generator) -> torch.Tensor:
         positions = self.start.select(weight, num_experts, count, generator)
@@ -190,9 +202,6 @@ class SpIEL(Selector):
         return min(round(self.fraction * count), cells - count)
 
     def bind(self, bank: DeltaBank) -> None:
-        # the effective values at the last update, shaped as the bank's values ([E, P], or
-        # [E, nb, bh, bw] for blocks)
-        self.register_buffer("last_values", torch.zeros(bank.values.shape, dtype=torch.float32, device=bank.values.device))
         if self.grow == "candidates":
             positions = bank.selection_positions()
             cells = _grid_cells(bank)
@@ -202,10 +211,18 @@ class SpIEL(Selector):
             device = positions.device
             self.register_buffer("pool", torch.zeros(positions.shape[0], max(size, 0), dtype=torch.long, device=device))
             self.register_buffer("pool_gradient", torch.zeros(positions.shape[0], max(size, 0) * per_cell, device=device))
-            self._draw_pool(bank, window=0)
+            # whether ``pool`` holds this window's candidates (pool = "gradient" picks them in the
+            # window's first step)
+            self.register_buffer("pool_ready", torch.zeros((), dtype=torch.long))
+            if self.pool_choice == "uniform":
+                self._draw_pool(bank, window=0)
         bank.register_forward_hook(self._measure)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "last_values", None)  # kept by states saved when drops ranked the change
+        if self.grow == "candidates" and prefix + "pool" in state_dict:
+            # states saved before pools were chosen by gradient hold a drawn pool, always in use
+            state_dict.setdefault(prefix + "pool_ready", torch.ones((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._pool_structure = None  # the loaded pool's entries: rebuilt on first use
 
@@ -216,21 +233,25 @@ class SpIEL(Selector):
 
     # -- measuring the gradient -------------------------------------------------------------------
 
-    def _measuring(self, step: int, total: int) -> bool:
-        """Whether optimiser step ``step + 1`` (the one being computed) feeds an update."""
+    def _measuring(self, step: int, total: int) -> str | None:
+        """What optimiser step ``step + 1`` (the one being computed) measures: ``"dense"`` (the
+        whole gradient), ``"pool"`` (the gradient at the pool) or None."""
         if self.grow == "dense":
-            return self.updates_at(step + 1, total)
-        return self.pool.shape[1] > 0 and (total == 0 or step + 1 <= _phase_step(self.until, total))
+            return "dense" if self.updates_at(step + 1, total) else None
+        if self.pool.shape[1] == 0 or not (total == 0 or step + 1 <= _phase_step(self.until, total)):
+            return None
+        return "pool" if bool(self.pool_ready) else "dense"
 
     def _measure(self, bank: DeltaBank, args, output: torch.Tensor) -> None:
         step, total = self.progress.tolist()
         trained = any(p.requires_grad for p in bank.parameters())  # else after_step never comes
-        if not (output.requires_grad and trained and self._measuring(step, total)):
+        what = self._measuring(step, total) if output.requires_grad and trained else None
+        if what is None:
             return
         x, call = args[0].detach(), args[1]
         groups = call.routing.groups()
 
-        if self.grow == "candidates":
+        if what == "pool":
             def accumulate(grad: torch.Tensor) -> None:
                 structure, _ = self._pool_entries(bank)
                 step_sum = sampled_gradient(x, grad, groups.tokens, groups.weights, groups.offsets, structure)
@@ -267,10 +288,9 @@ class SpIEL(Selector):
 
     @torch.no_grad()
     def _draw_pool(self, bank: DeltaBank, window: int) -> None:
-        """A fresh pool of candidate cells per expert, none owned, drawn from ``seed`` and ``window``."""
-        self.pool_gradient.zero_()
-        self._local_gradient = None
-        self._pool_structure = None
+        """pool = "uniform": a fresh pool of candidate cells per expert, none owned, drawn from
+        ``seed`` and ``window``."""
+        self._reset_pool()
         size = self.pool.shape[1]
         if size == 0 or self.pool.is_meta:  # a model built to be measured
             return
@@ -279,14 +299,50 @@ class SpIEL(Selector):
         generator = torch.Generator().manual_seed(int(self.seed) + 7919 * window)
         pools = [_draw_unowned(owned[e].cpu(), cells, size, generator) for e in range(owned.shape[0])]
         self.pool.copy_(torch.stack(pools).to(self.pool.device))
+        self.pool_ready.fill_(1)
+
+    def _reset_pool(self) -> None:
+        self.pool_gradient.zero_()
+        self.pool_ready.fill_(0)
+        self._local_gradient = None
+        self._pool_structure = None
+
+    @torch.no_grad()
+    def _pick_pool(self, bank: DeltaBank, gradient: torch.Tensor) -> None:
+        """pool = "gradient": the cells of largest ``|G_e|`` (``gradient``: ``[E, out, in]``, summed
+        over the step's micro-batches and processes) that the expert does not own; that gradient at
+        the pool's entries starts the window's sum."""
+        self._reset_pool()
+        score = bank.selection_scores(gradient).float()  # [E, cells]
+        score.scatter_(1, bank.selection_positions(), -math.inf)
+        self.pool.copy_(torch.sort(torch.topk(score, self.pool.shape[1], dim=1).indices, dim=1).values)
+        entries = bank.selection_entries(self.pool).flatten(1)  # [E, C * k], pool order
+        _, slot = self._pool_entries(bank)
+        at_pool = torch.gather(gradient.reshape(gradient.shape[0], -1), 1, entries)
+        self.pool_gradient.scatter_(1, slot, torch.nan_to_num(at_pool, nan=0.0, posinf=0.0, neginf=0.0).to(self.pool_gradient.dtype))
+        self.pool_ready.fill_(1)
 
     # -- the update ---------------------------------------------------------------------------------
 
+    def _summed(self, gradient: torch.Tensor | None, bank: DeltaBank, dist) -> torch.Tensor | None:
+        """This step's dense gradient summed over processes (every process takes part)."""
+        if dist.distributed:
+            if gradient is None:
+                gradient = torch.zeros(bank.num_experts, bank.out_features, bank.in_features, device=bank.values.device)
+            return dist.all_sum(gradient)
+        return gradient
+
     @torch.no_grad()
     def after_step(self, bank: DeltaBank, step: int, total_steps: int, dist) -> None:
+        # what this step's forwards measured (decided from the progress they saw)
+        measured = self._measuring(*self.progress.tolist()) if self.grow == "candidates" else None
         self.progress.copy_(torch.tensor([step, total_steps]))
         gradient, self._gradient = self._gradient, None
-        if self.grow == "candidates":
+        if measured == "dense":  # the window's first step: it picks the pool
+            gradient = self._summed(gradient, bank, dist)
+            if gradient is not None:
+                self._pick_pool(bank, gradient)
+        elif measured == "pool":
             local, self._local_gradient = self._local_gradient, None
             if dist.distributed or local is not None:  # every process takes part in the sum
                 local = local if local is not None else torch.zeros_like(self.pool_gradient)
@@ -296,21 +352,22 @@ class SpIEL(Selector):
         positions = bank.selection_positions()
         experts, count = positions.shape
         if self.grow == "dense":
+            gradient = self._summed(gradient, bank, dist)
             if gradient is None:
                 return
-            score = bank.selection_scores(dist.all_sum(gradient)).float()  # [E, cells]
+            score = bank.selection_scores(gradient).float()  # [E, cells]
             moves = self.moves(count, score.shape[1])
         else:
-            if self.pool.shape[1] == 0:  # every cell is owned: nowhere to grow
+            if self.pool.shape[1] == 0 or not bool(self.pool_ready):  # nowhere to grow, or nothing measured
                 return
             _, slot = self._pool_entries(bank)
             per_entry = torch.gather(self.pool_gradient, 1, slot).float()  # already summed over processes
             score = per_entry.view(*self.pool.shape, -1).norm(dim=2)  # [E, C]: |G| (a block: its norm)
             moves = min(self.moves(count, _grid_cells(bank)), score.shape[1])
         if moves >= 1:
-            change = bank.effective_values().float() - self.last_values
-            change = change.abs() if change.dim() == 2 else change.flatten(2).norm(dim=2)  # per block: its norm
-            drop = torch.topk(change, moves, dim=1, largest=False).indices
+            magnitude = bank.effective_values().float()
+            magnitude = magnitude.abs() if magnitude.dim() == 2 else magnitude.flatten(2).norm(dim=2)  # per block: its norm
+            drop = torch.topk(magnitude, moves, dim=1, largest=False).indices
             if self.grow == "dense":
                 grow = torch.topk(score.scatter_(1, positions, -math.inf), moves, dim=1).indices
             else:
@@ -318,12 +375,15 @@ class SpIEL(Selector):
             kept = positions[torch.ones_like(positions, dtype=torch.bool).scatter_(1, drop, False)]
             moved = torch.cat([kept.view(experts, count - moves), grow], dim=1)
             bank.set_positions(torch.sort(moved, dim=1).values)
-            self.last_values.copy_(bank.effective_values())
         if self.grow == "candidates":
-            self._draw_pool(bank, window=step // self.every)
+            if self.pool_choice == "uniform":
+                self._draw_pool(bank, window=step // self.every)
+            else:
+                self._reset_pool()  # the next window's first step picks a new pool
 
     def extra_repr(self) -> str:
-        return f"every={self.every}, fraction={self.fraction}, until={self.until}, grow={self.grow}"
+        pool = f", pool={self.pool_choice}" if self.grow == "candidates" else ""
+        return f"every={self.every}, fraction={self.fraction}, until={self.until}, grow={self.grow}{pool}"
 
 
 def _grid_cells(bank: DeltaBank) -> int:
