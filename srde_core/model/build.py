@@ -101,15 +101,10 @@ def build_base_model(run):
 
 def enable_checkpointing(model) -> None:
     """Activation checkpointing of every decoder layer, with SRDE's forward contexts re-entered in
-    the recomputation (:func:`srde_core.model.context.checkpointing_kwargs`). transformers before
-    ``activation_checkpointing_enable`` (5.17 and older) names it ``gradient_checkpointing_enable``."""
+    the recomputation (:func:`srde_core.model.context.checkpointing_kwargs`)."""
     from srde_core.model.context import checkpointing_kwargs
 
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=checkpointing_kwargs())
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs())
 
 
 def _construct(run, cls, spec, dtype, kwargs):
