@@ -7,7 +7,7 @@ from torch import nn
 
 from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Selector
 from srde_plugins.deltas.sparse import SparseDeltaParams
-from srde_plugins.deltas.sparse.block import make_block_bank
+from srde_plugins.deltas.sparse.block import add_importance, drop_missing_importance, make_block_bank, per_entry_importance
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
 from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, stored_rows
 
@@ -29,7 +29,8 @@ class SparseDeltaBank(DeltaBank):
     stored once, as one row (``positions`` is then an ``[E, P]`` view of it, and the adapter
     saves ``[1, P]``; adapters saved with ``[E, P]`` load either way). Parameters: ``values``
     and ``importance``, ``[E, P]``, aligned with
-    ``positions``. The selector that chose the positions is kept as the submodule ``selector``
+    ``positions`` (``importance = "expert"``: ``[E, 1]``, one logit per expert; ``"none"``: no
+    importance, the delta is the values). The selector that chose the positions is kept as the submodule ``selector``
     when it owns state (a learned selector trains and saves with the bank).
     """
 
@@ -44,6 +45,7 @@ class SparseDeltaBank(DeltaBank):
         init_importance: float = 0.0,
         cache_inputs: bool = True,
         selector: Selector | None = None,
+        importance: str = "entry",
     ):
         super().__init__()
         positions = _checked_positions(positions, out_features * in_features)
@@ -55,10 +57,9 @@ class SparseDeltaBank(DeltaBank):
         self.register_buffer("positions", stored_rows(positions))
         self.register_buffer("active", torch.ones(positions.shape, dtype=torch.bool, device=positions.device))
         self.values = nn.Parameter(torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
-        self.importance = nn.Parameter(
-            torch.full(positions.shape, float(init_importance), dtype=torch.float32, device=positions.device)
-        )
+        add_importance(self, importance, positions.shape, init_importance, positions.device)
         keep_selector(self, selector)
+        drop_missing_importance(self)
         self._masked = False
         self._register_structure()
         if self.selector is not None:
@@ -86,11 +87,16 @@ class SparseDeltaBank(DeltaBank):
     def effective_values(self) -> torch.Tensor:
         """``values * sigmoid(importance)`` times the selector's entry scale, if any (0 where
         inactive), ``[E, P]``: every expert's non-zeros."""
-        values = self.values * torch.sigmoid(self.importance)
+        values = self.weighted_values()
         scale = self.selector.entry_scale(self) if self.selector is not None else None
         if scale is not None:
             values = values * scale
         return values * self.active if self._masked else values
+
+    def weighted_values(self) -> torch.Tensor:
+        """``values`` times ``sigmoid(importance)`` (per entry or per expert; the values alone
+        without importance)."""
+        return self.values if self.importance is None else self.values * torch.sigmoid(self.importance)
 
     def entry_positions(self) -> torch.Tensor:
         return self.positions
@@ -125,7 +131,7 @@ class SparseDeltaBank(DeltaBank):
             self._masked = False
             return
         keep = max(1, round(fraction * self.count))
-        score = torch.sigmoid(self.importance) * self.values.abs()
+        score = self.weighted_values().abs()
         top = torch.topk(score, keep, dim=1).indices
         self.active.zero_()
         self.active.scatter_(1, top, True)
@@ -182,7 +188,7 @@ class SparseDeltaBank(DeltaBank):
             raise ValueError(f"positions must have {self.num_experts} rows, got {tuple(positions.shape)}")
         index = move_index(self.positions, positions)
         new_active = moved(self.active, index, True)
-        remaps = move_parameters(self, index, {"values": 0.0, "importance": self.init_importance})
+        remaps = move_parameters(self, index, {"values": 0.0} | per_entry_importance(self))
         self.positions = stored_rows(positions)
         self.active = new_active
         self._masked = not bool(new_active.all())
@@ -191,7 +197,7 @@ class SparseDeltaBank(DeltaBank):
 
     @torch.no_grad()
     def _resize(self, count: int) -> None:
-        remaps = resize_parameters(self, count, ("values", "importance"))
+        remaps = resize_parameters(self, count, ("values", *per_entry_importance(self)))
         self.positions = torch.arange(count, device=self.positions.device)[None]  # overwritten by the load
         self.active = torch.ones(self.num_experts, count, dtype=torch.bool, device=self.positions.device)
         self.notify_remap(remaps)
@@ -286,4 +292,5 @@ class SparseDelta(DeltaType):
             init_importance=self.params.init_importance,
             cache_inputs=self.params.cache_inputs,
             selector=selector,
+            importance=self.params.importance,
         )

@@ -258,6 +258,34 @@ class _RoutedBlockDeltaRows(torch.autograd.Function):
         )
 
 
+def add_importance(bank: nn.Module, mode: str, shape: tuple[int, ...], init: float, device) -> None:
+    """The bank's ``importance`` parameter for ``mode``: ``entry``, the shape of ``values``;
+    ``expert``, one logit per expert (``[E, 1, ...]``, broadcast over its entries); ``none``, no
+    parameter (``bank.importance`` is None). Only per-entry importance moves and resizes with the
+    entries (``resizable_state``)."""
+    if mode not in ("entry", "expert", "none"):
+        raise ValueError(f"importance must be 'entry', 'expert' or 'none', got {mode!r}")
+    bank.importance_mode = mode
+    if mode == "none":
+        bank.register_parameter("importance", None)
+    else:
+        size = shape if mode == "entry" else (shape[0],) + (1,) * (len(shape) - 1)
+        bank.importance = nn.Parameter(torch.full(size, float(init), dtype=torch.float32, device=device))
+    if mode != "entry":
+        bank.resizable_state = tuple(n for n in type(bank).resizable_state if n != "importance")
+
+
+def drop_missing_importance(bank: nn.Module) -> None:
+    """Without importance, ``importance`` is not among the bank's trainable names."""
+    if bank.importance is None:
+        bank.trainable_names = tuple(n for n in bank.trainable_names if n != "importance")
+
+
+def per_entry_importance(bank: nn.Module) -> dict[str, float]:
+    """``{"importance": init}`` when the importance is per entry (it moves with the entries), else ``{}``."""
+    return {"importance": bank.init_importance} if bank.importance_mode == "entry" else {}
+
+
 class BlockSparseDeltaBank(DeltaBank):
     """``E`` block-sparse deltas of one ``(out, in)`` weight (see the module docstring).
 
@@ -285,6 +313,7 @@ class BlockSparseDeltaBank(DeltaBank):
         num_experts: int,
         init_importance: float = 0.0,
         selector: Selector | None = None,
+        importance: str = "entry",
     ):
         super().__init__()
         bh, bw = block
@@ -301,8 +330,9 @@ class BlockSparseDeltaBank(DeltaBank):
         shape = (num_experts, blocks.shape[1], bh, bw)
         self.register_buffer("active", torch.ones(shape[:2], dtype=torch.bool, device=blocks.device))
         self.values = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=blocks.device))
-        self.importance = nn.Parameter(torch.full(shape, float(init_importance), dtype=torch.float32, device=blocks.device))
+        add_importance(self, importance, shape, init_importance, blocks.device)
         keep_selector(self, selector)
+        drop_missing_importance(self)
         self._masked = False
         self._register_grid()
         if self.selector is not None:
@@ -336,7 +366,7 @@ class BlockSparseDeltaBank(DeltaBank):
     def effective_values(self) -> torch.Tensor:
         """``values * sigmoid(importance)`` times the selector's block scale, if any (0 in inactive
         blocks), ``[E, nb, bh, bw]``."""
-        values = self.values * torch.sigmoid(self.importance)
+        values = self.values if self.importance is None else self.values * torch.sigmoid(self.importance)
         scale = self.selector.entry_scale(self) if self.selector is not None else None
         if scale is not None:
             values = values * scale[..., None, None]
@@ -407,7 +437,8 @@ class BlockSparseDeltaBank(DeltaBank):
             self._masked = False
             return
         keep = max(1, round(fraction * self.count))
-        score = (torch.sigmoid(self.importance) * self.values).flatten(2).norm(dim=2)
+        weighted = self.values if self.importance is None else torch.sigmoid(self.importance) * self.values
+        score = weighted.flatten(2).norm(dim=2)
         self.active.zero_().scatter_(1, torch.topk(score, keep, dim=1).indices, True)
         self._masked = True
 
@@ -430,7 +461,7 @@ class BlockSparseDeltaBank(DeltaBank):
             raise ValueError(f"positions must be [{self.num_experts}, count] blocks, got {tuple(positions.shape)}")
         index = move_index(self.selection_positions(), positions)
         new_active = moved(self.active, index, True)
-        remaps = move_parameters(self, index, {"values": 0.0, "importance": self.init_importance})
+        remaps = move_parameters(self, index, {"values": 0.0} | per_entry_importance(self))
         self.blocks = stored_rows(positions).contiguous()
         self.active = new_active
         self._masked = not bool(new_active.all())
@@ -442,7 +473,7 @@ class BlockSparseDeltaBank(DeltaBank):
         if saved is not None:
             if saved.shape[-1] != self.count:
                 # a pruned or hardened bank: take the saved size first; optimiser state follows via remap
-                remaps = resize_parameters(self, saved.shape[-1], ("values", "importance"))
+                remaps = resize_parameters(self, saved.shape[-1], ("values", *per_entry_importance(self)))
                 self.active = torch.ones(self.num_experts, saved.shape[-1], dtype=torch.bool, device=self.blocks.device)
                 self.notify_remap(remaps)
             if saved.shape != self.blocks.shape:
@@ -484,4 +515,5 @@ def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_expert
     return BlockSparseDeltaBank(
         out_features, in_features, blocks.to(weight.device), block,
         num_experts=num_experts, init_importance=params.init_importance, selector=selector,
+        importance=params.importance,
     )
