@@ -169,7 +169,7 @@ def test_gumbel_mask_is_hard_top_k_forward_and_a_sigmoid_relaxation_backward():
     assert bank.entry_positions().unique(dim=0).shape[0] == 1  # candidates: the top |W|, shared
     randomise(bank, 1)
     selector.after_step(bank, 3, 10, SINGLE)  # the next step is step 3 (0-based) of 0..9
-    tau = 2.0 - 1.5 * 3 / 9
+    tau = 2.0 - 1.5 * 3 / 4  # the schedule spans steps 0..4, before hardening after step 5 (harden_at 0.5)
     scale = selector.entry_scale(bank)
     perturbed = selector.logits.detach() + selector.gumbel(3)
     top = torch.topk(perturbed, count, dim=1).indices
@@ -610,3 +610,70 @@ def test_spiel_ag_picks_its_candidates_by_gradient_magnitude_and_accumulates_the
     assert bool(selector.pool_ready)
     for e in range(EXPERTS):
         assert not bool(torch.isin(selector.pool[e], after[e]).any())
+
+
+def relaxation_gradient(selector: GumbelTopK, bank, step: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit gradient of ``sum(scale * weights)`` at ``step`` and the sigmoid relaxation it
+    should equal at temperature ``tau`` (returned as a function of tau via the soft mask)."""
+    selector.after_step(bank, step, total, SINGLE)
+    scale = selector.entry_scale(bank)
+    weights = torch.randn(scale.shape, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((scale * weights).sum(), selector.logits)
+    return grad, weights
+
+
+@pytest.mark.parametrize("harden_at", [0.5, 6])
+def test_gumbel_temperature_reaches_its_end_when_the_mask_hardens(harden_at):
+    """The temperature schedule runs from the phase's start to ``harden_at``: the last masked step
+    uses its end value (exponential 1.0 -> 0.1: 0.1, not 0.32 halfway through the phase)."""
+    bank = make_bank({"name": "gumbel_topk", "candidates": 4, "harden_at": harden_at})
+    selector: GumbelTopK = bank.selector
+    randomise(bank, 1)
+    count = selector.count
+    for step, want in ((0, 1.0), (5, 0.1), (2, 0.1 ** (2 / 5))):  # 12 steps; hardening after step 6
+        grad, weights = relaxation_gradient(selector, bank, step, 12)
+        perturbed = selector.logits.detach() + selector.gumbel(step)
+        ranked = torch.sort(perturbed, dim=1, descending=True).values
+        soft = torch.sigmoid((perturbed - (ranked[:, count - 1 : count] + ranked[:, count : count + 1]) / 2) / want)
+        torch.testing.assert_close(grad, weights * soft * (1 - soft) / want, rtol=1e-5, atol=1e-7)
+    assert not selector.hardened(bank)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+def test_gumbel_candidates_the_noise_did_not_pick_still_learn_their_values_and_then_their_logits(block):
+    """Straight through the mask for the values: a candidate that is not chosen this step still
+    gets its entries' gradient (times sigmoid(importance)), so it gains value and then logit
+    gradient; with value_gradient = "chosen" it gets none."""
+    results = {}
+    for mode in ("candidates", "chosen"):
+        bank = make_bank({"name": "gumbel_topk", "candidates": 4, "value_gradient": mode} if mode == "chosen"
+                         else {"name": "gumbel_topk", "candidates": 4}, block=block)
+        selector: GumbelTopK = bank.selector
+        selector.logits.requires_grad_(True)
+        selector.after_step(bank, 1, 10, SINGLE)
+        hard = selector.entry_scale(bank).detach()
+        routing = routing_of(17, 2, 4, dtype=torch.float32)
+        x = torch.randn(17, bank.in_features, generator=torch.Generator().manual_seed(5))
+        grad = torch.randn(17, bank.out_features, generator=torch.Generator().manual_seed(6))
+        y = bank(x, BankCall(routing, ForwardContext()))
+        assert y.abs().max() == 0  # every value starts at 0
+        y.backward(grad)
+        unpicked = hard == 0
+        value_grad = bank.values.grad.reshape(*hard.shape, -1).abs().sum(-1)
+        results[mode] = value_grad[unpicked]
+        # the entries' gradient at every candidate, from the dense reference
+        dense = torch.zeros(EXPERTS, bank.out_features, bank.in_features, requires_grad=True)
+        ref = (routing.weights[..., None].detach() * torch.einsum("tkoi,ti->tko", dense[routing.experts], x)).sum(1)
+        (entries,) = torch.autograd.grad((ref * grad).sum(), dense)
+        cells = bank.selection_entries(bank.selection_positions())  # [E, C, k]
+        at_entries = torch.gather(entries.reshape(EXPERTS, -1), 1, cells.flatten(1)).view(bank.values.shape)
+        if mode == "candidates":
+            torch.testing.assert_close(bank.values.grad, at_entries * torch.sigmoid(bank.importance.detach()), rtol=1e-5, atol=1e-6)
+            # one step later the unchosen candidates have values, and so logit gradient
+            with torch.no_grad():
+                bank.values.sub_(0.1 * bank.values.grad.sign())
+            selector.logits.grad = None
+            bank(x, BankCall(routing_of(17, 2, 4, dtype=torch.float32), ForwardContext())).backward(grad)
+            assert bool((selector.logits.grad[unpicked] != 0).all())
+    assert bool((results["candidates"] > 0).all())
+    assert bool((results["chosen"] == 0).all())

@@ -106,7 +106,15 @@ class GumbelTopKParams(Params):
     )
     temperature: ComponentChoice = component(
         "schedule", {"name": "exponential", "start": 1.0, "end": 0.1},
-        "temperature of the sigmoid relaxation in the backward pass, over the phase",
+        "temperature of the sigmoid relaxation in the backward pass, from the phase's start to harden_at",
+    )
+    value_gradient: Literal["candidates", "chosen"] = Field(
+        "candidates",
+        description=(
+            "which values learn before hardening: 'candidates' (the values' gradient passes straight "
+            "through the mask, so an unchosen candidate can gain value and then logit) or 'chosen' "
+            "(only the entries the mask picked this step)"
+        ),
     )
     harden_at: int | float = Field(
         0.5, description="when each expert keeps only its chosen positions: a fraction of the phase (float) or a step (int)"

@@ -9,7 +9,7 @@ from srde_core.model.components import BankCall, DeltaBank, DeltaType, Remap, Se
 from srde_plugins.deltas.sparse import SparseDeltaParams
 from srde_plugins.deltas.sparse.block import add_importance, drop_missing_importance, make_block_bank, per_entry_importance
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
-from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, stored_rows
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, scaled_entries, stored_rows
 
 
 def position_count(density: float, out_features: int, in_features: int) -> int:
@@ -90,7 +90,7 @@ class SparseDeltaBank(DeltaBank):
         values = self.weighted_values()
         scale = self.selector.entry_scale(self) if self.selector is not None else None
         if scale is not None:
-            values = values * scale
+            values = scaled_entries(values, scale, self.selector)
         return values * self.active if self._masked else values
 
     def weighted_values(self) -> torch.Tensor:

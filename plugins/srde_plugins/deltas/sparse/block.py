@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from srde_core.errors import SRDEError
 from srde_core.model.components import BankCall, DeltaBank, Remap, Selector
 from srde_plugins.deltas.sparse.kernels import compute_dtype, gather_feature_major
-from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, stored_rows
+from srde_plugins.deltas.sparse.moves import keep_active, move_index, move_parameters, moved, keep_selector, resize_parameters, scaled_entries, stored_rows
 
 
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -369,7 +369,7 @@ class BlockSparseDeltaBank(DeltaBank):
         values = self.values if self.importance is None else self.values * torch.sigmoid(self.importance)
         scale = self.selector.entry_scale(self) if self.selector is not None else None
         if scale is not None:
-            values = values * scale[..., None, None]
+            values = scaled_entries(values, scale, self.selector)
         return values * self.active[..., None, None] if self._masked else values
 
     def entry_positions(self) -> torch.Tensor:

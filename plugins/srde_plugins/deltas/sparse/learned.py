@@ -43,17 +43,29 @@ class GumbelTopK(Selector):
     blocks, the ``C`` blocks of largest norm, each scaled as a whole); the bank holds
     values at all of them, and expert ``e`` has a logit ``l[e, c]`` per candidate (initialised to
     ``|W_c| / max |W|`` over the candidates). In training each entry is multiplied by the
-    straight-through Gumbel top-k mask
+    straight-through Gumbel top-k mask (Gumbel top-k: Kool et al. 2019, "Stochastic Beams and
+    Where to Find Them"; straight-through: Bengio et al. 2013, Jang et al. 2017)
 
         s = l + g,  g ~ Gumbel(0, 1) (fresh per optimiser step),   m = H + (S - stop_grad(S)),
         H = 1 on the top-``count`` of s per expert (else 0),        S = sigmoid((s - t) / tau),
 
     where ``t`` is the midpoint between the count-th and (count+1)-th largest ``s`` (held fixed) and
-    ``tau`` follows the ``temperature`` schedule: the forward uses exactly ``H``, the backward the
-    sigmoid relaxation, which tends to ``H`` as ``tau -> 0``. In eval the mask is the top-``count`` of
-    ``l`` (no noise). At step ``harden_at`` the bank keeps only the ``count`` chosen positions per
-    expert (``set_positions``: their values and optimiser state stay) and the mask is gone: from
-    then on compute is at ``count`` entries and the eval output is unchanged by the move.
+    ``tau`` follows the ``temperature`` schedule from the phase's start to ``harden_at`` (its end
+    value is reached when the mask hardens): the forward uses exactly ``H``, the backward the
+    sigmoid relaxation, which tends to ``H`` as ``tau -> 0``.
+
+    The logit gradient of a candidate is its entry's gradient times its value, so a candidate whose
+    value is 0 could never gain logit: with ``value_gradient = "candidates"`` (the default) the
+    values' gradient passes straight through the mask, so every candidate's value learns from the
+    entries' gradient whether the noise picked it or not (the forward/backward sets of Top-KAST,
+    Jayakumar et al. 2020: the forward uses the chosen entries, the backward updates all
+    candidates), and a useful unchosen candidate gains value, then logit. ``"chosen"``: only the
+    chosen entries' values learn (the product's gradient).
+
+    In eval the mask is the top-``count`` of ``l`` (no noise). At step ``harden_at`` the bank keeps
+    only the ``count`` chosen positions per expert (``set_positions``: their values and optimiser
+    state stay) and the mask is gone: from then on compute is at ``count`` entries and the eval
+    output is unchanged by the move.
 
     The noise of step ``s`` is drawn from a generator seeded with ``seed + s`` (``seed`` drawn from
     the bank's generator): a function of the step, so micro-batches, recomputation under gradient
@@ -63,9 +75,12 @@ class GumbelTopK(Selector):
     trainable_names = ("logits",)
     moves_entries = True
 
-    def __init__(self, candidates: float, temperature, harden_at: int | float):
+    def __init__(self, candidates: float, temperature, harden_at: int | float, value_gradient: str = "candidates"):
         super().__init__()
         self.candidates = candidates
+        self.value_gradient = value_gradient
+        #: read by the bank (``moves.scaled_entries``): the values' gradient passes through the mask
+        self.values_through_scale = value_gradient == "candidates"
         self.temperature = temperature
         self.harden_at = harden_at
         self.count: int | None = None  # entries per expert after hardening
@@ -73,7 +88,7 @@ class GumbelTopK(Selector):
 
     @classmethod
     def from_params(cls, params) -> GumbelTopK:
-        return cls(params.candidates, params.temperature.build(), params.harden_at)
+        return cls(params.candidates, params.temperature.build(), params.harden_at, params.value_gradient)
 
     def plan_count(self, count: int, numel: int) -> int:
         self.count = count
@@ -110,7 +125,8 @@ class GumbelTopK(Selector):
             top = torch.topk(self.logits.detach(), self.count, dim=1).indices
             return torch.zeros_like(self.logits).scatter_(1, top, 1.0)
         step, total = self.progress.tolist()
-        tau = self.temperature.value(step, max(total, 1))
+        harden = _phase_step(self.harden_at, max(total, 1))  # the schedule spans the steps up to hardening
+        tau = self.temperature.value(min(step, harden), harden)
         perturbed = self.logits + self.gumbel(step)
         ranked = torch.topk(perturbed.detach(), self.count + 1, dim=1)
         hard = torch.zeros_like(self.logits).scatter_(1, ranked.indices[:, : self.count], 1.0)
@@ -127,7 +143,8 @@ class GumbelTopK(Selector):
         bank.set_positions(torch.sort(torch.gather(bank.selection_positions(), 1, top), dim=1).values)
 
     def extra_repr(self) -> str:
-        return f"candidates={self.candidates}, count={self.count}, harden_at={self.harden_at}"
+        return (f"candidates={self.candidates}, count={self.count}, harden_at={self.harden_at}, "
+                f"value_gradient={self.value_gradient}")
 
 
 class SpIEL(Selector):

@@ -84,3 +84,16 @@ def keep_selector(bank: nn.Module, selector) -> None:
     bank.trainable_names = ("values", "importance") + (
         tuple(f"selector.{name}" for name in selector.trainable_names) if owns_state else ()
     )
+
+
+def scaled_entries(values: torch.Tensor, scale: torch.Tensor, selector) -> torch.Tensor:
+    """``values`` (``[E, n]``, or ``[E, n, bh, bw]`` for blocks) times a selector's ``entry_scale``
+    (``[E, n]``). The forward is the product either way. A selector with
+    ``values_through_scale = True`` passes the values' gradient straight through the scale (the
+    entries' gradient, as if the scale were 1: every entry it scales learns, chosen or not), while
+    the scale gets ``values`` times the entries' gradient as in the product."""
+    scale = scale.view(*scale.shape, *([1] * (values.dim() - scale.dim())))
+    if not getattr(selector, "values_through_scale", False):
+        return values * scale
+    fixed = scale.detach()
+    return values * fixed + (values - values.detach()) * (1 - fixed) + values.detach() * (scale - fixed)
