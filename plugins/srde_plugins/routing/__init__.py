@@ -6,10 +6,13 @@ its full-softmax probability (see :mod:`.fusion`).
 
 Gate normalisations of ``topk`` (``gate``):
 
-- ``softmax_topk``: softmax over the k chosen logits (Mixtral). The weights sum to 1; at k = 1 the
-  weight is always 1, so the task loss gives the router no gradient.
-- ``softmax``: the chosen experts' probabilities under the softmax over all experts (Switch,
-  GShard, DeepSeek). The task loss reaches the router at every k.
+- ``softmax_topk``: softmax over the k chosen logits, i.e. the chosen experts' full-softmax
+  probabilities renormalised to sum to 1 (Mixtral; GShard's top-2 gates, Lepikhin et al. 2021,
+  are renormalised the same way). At k = 1 the weight is always 1, so the task loss gives the
+  router no gradient.
+- ``softmax``: the chosen experts' probabilities under the softmax over all experts, not
+  renormalised (Switch Transformer at k = 1, Fedus et al. 2022; DeepSeekMoE, Dai et al. 2024).
+  The task loss reaches the router at every k.
 - ``auto`` (default): ``softmax_topk`` for k >= 2 and ``softmax`` for k = 1: the common choice
   at k >= 2, and a router that learns from the task at k = 1.
 """
