@@ -9,7 +9,8 @@ Every error ends in one line on stderr, ``srde: error: ...``, and an exit status
 user wrote (the recipe, data, the command line, a plugin that fails to load), 1 for what could not
 be done (the run directory, the file system, a checkpoint, training that diverged, a plugin that
 failed during a run: its traceback goes to ``RUN_DIR/error.log``). ``--debug`` shows the traceback
-instead. ``--help``, ``list-plugins``, ``validate`` and ``show`` never import torch.
+instead. ``--help``, ``list-plugins`` and ``show`` never import torch (``validate`` builds the model on
+the meta device).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def _load(args):
 
 
 def cmd_validate(args) -> int:
-    recipe, _ = _load(args)
+    recipe, plugins = _load(args)
+    from srde_core.recipe.check import check_recipe
+
+    check_recipe(recipe, plugins)  # the components build; the model and its experts build on the meta device
     phases = ", ".join(f"{p.name} [{p.trainer.name}]" for p in recipe.phases)
     print(f"{args.recipe}: ok — recipe '{recipe.name}', phases: {phases}")
     return 0

@@ -323,8 +323,11 @@ def execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool = False
     The main process holds the run directory's :class:`RunLock` for the run's life: from the start
     when the directory exists (``--resume``, ``--fresh``), else from when it creates it.
     """
+    from srde_core.recipe.check import check_recipe
+
     dist = Dist.from_env()
-    run_dir = check_run_directory(recipe, resume=resume, fresh=fresh)
+    check_recipe(recipe, plugins)  # what the recipe decides, before anything loads or is created
+    run_dir = check_run_directory(recipe, resume=resume, fresh=fresh, dist=dist)
     check_writable(recipe)
     lock = RunLock(run_dir) if dist.is_main else None
     try:

@@ -40,6 +40,21 @@ CASES = [
     ("set-wrong-toml-type", 'extends = "{micro}"\n', ["phases.0.steps='ten'"], ["--set phases.0.steps='ten'", "phases[0].steps", "valid integer"]),
     ("set-unknown-phase", 'extends = "{micro}"\n', ["phases.warmup.steps=3"], ["--set phases.warmup.steps=3", "no element named 'warmup'", "base, experts"]),
     ("set-without-equals", 'extends = "{micro}"\n', ["seed"], ["--set seed", "expected KEY=VALUE"]),
+    ("name-is-a-path", 'extends = "{micro}"\nname = "../x"\n', [], ["bad.toml", "name", "must be one directory name inside output_dir"]),
+    ("nan-learning-rate", 'extends = "{micro}"\n', ["phases.experts.lr=nan"], ["phases[1].lr", "must be a finite number (got nan)"]),
+    ("infinite-loss-weight", 'extends = "{micro}"\n', ['phases.experts.losses=["lm", { name = "load_balance", weight = inf }]'], ["phases[1].losses[1].weight", "must be a finite number (got inf)"]),
+    ("nan-schedule-start", 'extends = "{micro}"\n', ['phases.experts.losses=["lm", { name = "load_balance", weight = { name = "linear", start = nan, end = 0.1 } }]'], ["phases[1].losses[1].weight.start", "finite number"]),
+    ("loss-twice", 'extends = "{micro}"\n', ['phases.experts.losses=["lm", "lm"]'], ["phases[1].losses[1]", "loss 'lm' appears twice"]),
+    ("plugin-phase-typo", 'extends = "{micro}"\n[plugins.compile]\nphases = ["nope"]\n', [], ["bad.toml", "plugins.compile.phases[0]", "no phase named 'nope'", "base, experts"]),
+    ("adaptive-start-above-density", 'extends = "{micro}"\n[plugins.adaptive_sparsity]\nenabled = true\ndensity = {{ name = "adaptive", start = 0.2, end = 0.01, steps = 4 }}\n', [], ["plugins.adaptive_sparsity.density.start", "above srde.delta.density = 0.05"]),
+    ("spiel-with-adaptive-sparsity", 'extends = "{micro}"\n[srde]\ndelta = {{ name = "sparse", density = 0.05, selector = "spiel" }}\n[plugins.adaptive_sparsity]\nenabled = true\n', [], ["plugins.adaptive_sparsity", "adaptive sparsity and selector 'spiel'"]),
+    ("layer-out-of-range", 'extends = "{micro}"\n[srde]\nlayout = {{ name = "uniform", num_experts = 2, top_k = 1, layers = [7] }}\n', [], ["bad.toml", "srde.layout.layers", "layer 7 is out of range for a model with 2 layers"]),
+    ("share-group-out-of-range", 'extends = "{micro}"\n[srde]\nlayout = {{ name = "uniform", num_experts = 2, top_k = 1, share_groups = [[0, 5]] }}\n', [], ["bad.toml", "srde.layout.share_groups", "layer 5 is out of range"]),
+    ("block-bigger-than-the-weight", 'extends = "{micro}"\n[srde]\ndelta = {{ name = "sparse", block = [512, 512] }}\n', [], ["bad.toml", "srde.delta.block", "does not tile a (128, 64) weight"]),
+    ("unknown-architecture", 'extends = "{micro}"\n[model]\narchitecture = "Bogus"\n', [], ["bad.toml", "model.architecture", "unknown architecture 'Bogus'"]),
+    ("not-a-causal-lm", 'extends = "{micro}"\n[model]\narchitecture = "BertModel"\n', [], ["bad.toml", "model.architecture", "is not a causal language model"]),
+    ("unknown-attention", 'extends = "{micro}"\n[model]\nattn_implementation = "bogus"\n', [], ["bad.toml", "model.attn_implementation", "attn_implementation=\"bogus\"` is not supported"]),
+    ("negative-size", 'extends = "{micro}"\n[model.config]\nhidden_size = -64\n', [], ["bad.toml", "model.config", "hidden_size must not be negative (got -64)"]),
     ("missing-data-source", 'name = "x"\n[data]\nseq_len = 16\n[[phases]]\nname = "a"\ntrainer = "joint"\nsteps = 1\n', [], ["bad.toml", "data", "train_files"]),
 ]
 
@@ -71,9 +86,17 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert "none.toml: file not found" in capsys.readouterr().err
 
 
-def test_run_refuses_a_bad_recipe_before_any_work(tmp_path, micro_recipe, capsys, monkeypatch):
+@pytest.mark.parametrize("text", [
+    '[srde]\ndelta = "nope"\n',
+    '[srde]\nlayout = {{ name = "uniform", num_experts = 2, top_k = 1, layers = [7] }}\n',
+    '[model]\nattn_implementation = "bogus"\n',
+    '[srde]\ndelta = {{ name = "sparse", density = 0.05, selector = "spiel" }}\n[plugins.adaptive_sparsity]\nenabled = true\n',
+], ids=["unknown-delta", "layer-out-of-range", "unknown-attention", "spiel-with-adaptive-sparsity"])
+def test_run_refuses_a_bad_recipe_before_any_work(tmp_path, micro_recipe, capsys, monkeypatch, text):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.toml"
-    bad.write_text(f'extends = "{micro_recipe.as_posix()}"\n[srde]\ndelta = "nope"\n')
+    bad.write_text(f'extends = "{micro_recipe.as_posix()}"\n' + text.format())
     assert main(["run", str(bad)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("srde: error: ") and "bad.toml" in lines[0]
     assert not (tmp_path / "runs").exists() and not (tmp_path / ".cache").exists()

@@ -161,8 +161,8 @@ def test_a_bad_mode_is_one_line_naming_the_key(micro_recipe):
     ids=["unknown-backend", "mode-without-inductor", "unknown-phase"],
 )
 def test_settings_that_cannot_run_stop_before_any_work(micro_recipe, overrides, key, fragment):
-    recipe = load_recipe(micro_recipe, PLUGINS, ["plugins.compile.enabled=true", *overrides])
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(RecipeError) as err:  # when the recipe loads (a phase list), or at the header
+        recipe = load_recipe(micro_recipe, PLUGINS, ["plugins.compile.enabled=true", *overrides])
         PLUGINS.hook.srde_run_header(recipe=recipe)
     assert key in str(err.value) and fragment in str(err.value) and "\n" not in str(err.value)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -254,20 +255,58 @@ PATH_KEYS = ("model.name_or_path", "tokenizer.file", "tokenizer.name_or_path", "
              "data.eval_files", "data.hf_name", "engine.config")
 
 
+def _finite_numbers(value: Any, layers: Layers, where: KeyPath = ()) -> None:
+    """No NaN or infinity anywhere in a recipe (a learning rate, a loss weight, a schedule's values):
+    they pass range checks (``nan > 0`` is false, ``inf > 0`` true) and would only fail at step 1,
+    and JSON cannot hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"must be a finite number (got {value})", source=layers.source_of(where), key=format_key(where))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite_numbers(item, layers, (*where, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite_numbers(item, layers, (*where, i))
+
+
+def _check_phases(phases: tuple[Phase, ...], settings: Mapping[str, Params], layers: Layers) -> None:
+    """Names unique across phases; each phase's losses distinct (a loss twice would count twice and
+    log once); the ``phases`` lists of plugin settings name phases of this recipe."""
+    names = [p.name for p in phases]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RecipeError(f"duplicate phase name '{name}'", source=layers.source_of(("phases", i, "name")), key=format_key(("phases", i, "name")))
+    for phase in phases:
+        seen: list[str] = []
+        for j, loss in enumerate(phase.losses):
+            if loss.name in seen:
+                where = ("phases", phase.index, "losses", j)
+                raise RecipeError(f"loss '{loss.name}' appears twice in the phase (give it one weight instead)",
+                                  source=layers.source_of(where), key=format_key(where))
+            seen.append(loss.name)
+    for table, params in settings.items():
+        listed = getattr(params, "phases", None)
+        if not isinstance(listed, (list, tuple)):
+            continue
+        for i, name in enumerate(listed):
+            if isinstance(name, str) and name not in names:
+                where = ("plugins", table, "phases", i)
+                raise RecipeError(f"no phase named '{name}'{did_you_mean(name, names)}; this recipe's phases: "
+                                  f"{', '.join(names)}", source=layers.source_of(where), key=format_key(where))
+
+
 def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | None = None) -> Recipe:
     """Validate merged recipe data against the schema and the registries."""
     resolver = _Resolver(layers, plugins)
+    _finite_numbers(layers.data, layers)
     raw = dict(layers.data)
     raw_plugins = raw.pop("plugins", {})
     if not isinstance(raw_plugins, dict):
         raise RecipeError("expected a table", source=layers.source_of(("plugins",)), key="plugins")
     top = resolver.params(RecipeParams, raw, ())
     phases = tuple(Phase(i, core) for i, core in enumerate(top.phases))
-    names = [p.name for p in phases]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise RecipeError(f"duplicate phase name '{name}'", source=layers.source_of(("phases", i, "name")), key=format_key(("phases", i, "name")))
     settings, required = _plugin_settings(raw_plugins, resolver)
+    _check_phases(phases, settings, layers)
     from srde_core.plugins import require_healthy
 
     require_healthy(plugins, list(required), source=layers.source_of(("plugins", "require")))

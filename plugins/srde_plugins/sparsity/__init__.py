@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from srde_core.errors import SRDEError
+from srde_core.errors import RecipeError
 from srde_core.hookspecs import hookimpl
 from srde_core.params import Params, component
 from srde_core.registry import ComponentChoice
@@ -49,14 +49,30 @@ def srde_run_header(recipe):
     settings = recipe.settings("adaptive_sparsity")
     if not settings.enabled:
         return None
+    check_schedule(recipe, settings)
     for choice in recipe.srde.delta.nested():
         if choice.kind == "selector" and getattr(choice.build(), "moves_entries", False):
-            raise SRDEError(
+            raise RecipeError(
                 f"adaptive sparsity and selector '{choice.name}' would both decide which entries each expert "
                 "keeps; use one of them",
                 source=str(recipe.path), key="plugins.adaptive_sparsity",
             )
     return [f"adaptive sparsity: density {settings.density.name} schedule, prune {'on' if settings.prune else 'off'}"]
+
+
+def check_schedule(recipe, settings) -> None:
+    """The banks are built at ``srde.delta.density`` and can only keep fewer entries: a schedule
+    that starts or ends above it would log a density the experts never have."""
+    built = getattr(recipe.srde.delta.params, "density", None)
+    params = settings.density.params
+    for key in ("start", "end", "value"):
+        value = getattr(params, key, None)
+        if isinstance(built, float) and isinstance(value, (int, float)) and value > built + 1e-12:
+            raise RecipeError(
+                f"the density schedule's {key} {value} is above srde.delta.density = {built}, the density the banks "
+                f"are built at (they can only keep fewer entries); set srde.delta.density = {value} or lower the {key}",
+                source=str(recipe.path), key=f"plugins.adaptive_sparsity.density.{key}",
+            )
 
 
 @hookimpl
