@@ -128,7 +128,8 @@ def srde_before_phase(phase: Phase, run: RunContext) -> None:
 def srde_after_step(phase: Phase, run: RunContext, step: int, metrics: dict[str, Any]) -> None:
     """Called after each optimiser step with the metrics dict of that step (1-based ``step``).
 
-    Plugins may add entries to ``metrics`` (they are logged) or act on them (adaptive schedules,
+    Plugins may add entries to ``metrics`` (written to ``metrics.jsonl`` with the step when it is
+    logged: every ``log_every`` steps and the phase's last) or act on them (adaptive schedules,
     external loggers). Called on every process. Return None.
     """
 

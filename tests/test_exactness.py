@@ -223,8 +223,9 @@ def test_untrained_bank_is_exactly_the_base(delta, selector):
     y_base = mlp.base(x_base)
     assert torch.equal(y, y_base)
     for e in range(4):
-        for bank in mlp.banks.values():
-            assert torch.count_nonzero(bank.delta_weight(e)) == 0
+        for name, bank in mlp.banks.items():
+            live = {"weight": getattr(mlp.base, name).weight} if bank.weight_dependent else {}
+            assert torch.count_nonzero(bank.delta_weight(e, **live)) == 0
     y.sum().backward()
     y_base.sum().backward()
     assert torch.equal(x.grad, x_base.grad)

@@ -66,3 +66,22 @@ def test_example_component_works_from_a_recipe(installed_example, tmp_path, micr
     lrs = [m["lr"] for m in metrics if m.get("phase") == "base"]
     # inverse_sqrt with warmup 1: lr * 1, then lr * sqrt(1/2)
     assert lrs[-1] == pytest.approx(1e-3 * 0.5**0.5)
+
+
+def test_the_example_s_own_test_uses_the_shipped_testing_kit(installed_example, tmp_path):
+    """The out-of-tree delta is held to the dense reference by srde_core.testing, from its own tests."""
+    test = EXAMPLE / "tests" / "test_full_delta.py"
+    assert "from srde_core.testing import assert_exact" in test.read_text()
+    env = {**os.environ, "PYTHONPATH": str(installed_example)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_the_example_delta_is_listed_and_validates(installed_example, tmp_path, micro_recipe):
+    recipe = tmp_path / "full.toml"
+    recipe.write_text(f'extends = "{micro_recipe.as_posix()}"\n[srde]\ndelta = {{ name = "full", scale = 0.5 }}\n')
+    assert srde(["validate", str(recipe)], installed_example, tmp_path).returncode == 0
+    bad = srde(["validate", str(recipe), "--set", "srde.delta.scale=0"], installed_example, tmp_path)
+    assert bad.returncode == 2 and "srde.delta.scale" in bad.stderr

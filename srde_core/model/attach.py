@@ -22,7 +22,7 @@ from torch import nn
 from srde_core.errors import SRDEError
 from srde_core.model.architectures import DecoderStack, find_decoder_stack
 from srde_core.model.combine import CombineStep, CombineType
-from srde_core.model.components import DeltaBank, DeltaType, LayerPlan, Layout, RemapListener
+from srde_core.model.components import DeltaBank, DeltaType, Gather, LayerPlan, Layout, RemapListener
 from srde_core.model.context import ContextSlot, ForwardContext
 from srde_core.model.layer import PROJECTIONS, SRDEMLP
 from srde_core.model.projections import check_projections
@@ -32,8 +32,6 @@ from srde_core.params import Params, describe_params
 #: The keyword arguments through which transformers hands a forward its KV cache.
 _CACHE_KWARGS = ("past_key_values", "cache")
 
-#: ``gather(tensors)``: a context in which (possibly partitioned) parameters are readable in full.
-Gather = Callable[[list[torch.Tensor]], contextlib.AbstractContextManager]
 
 
 @dataclass(frozen=True)
@@ -291,11 +289,13 @@ def attach_srde(
 
     For each :class:`LayerPlan`, the layer's MLP becomes ``SRDEMLP(base_mlp, router, banks,
     combine)`` with one bank per requested projection. Layers with the same bank key share the bank
-    modules, built from the first such layer's weights; their weights must have the same shapes.
+    modules, built from the first such layer's weights; their weights must have the same shapes
+    (every layer hands its banks its own live weight in each forward, see ``BankCall``).
     Routers and combine steps are per layer. They and the banks are float32 (master weights) on the
     base weights' device, drawn from one CPU ``torch.Generator`` seeded with ``seed`` (so the
     result does not depend on the device). ``gather`` makes partitioned base weights readable while
-    a bank is built from them (ZeRO-3); by default they are read as they are.
+    a bank is built from them and while a bank that reads its layer's weight runs (ZeRO-3); by
+    default they are read as they are.
 
     ``components`` names the components by kind, registry name and params (see
     :class:`ComponentSpec`) for :meth:`SRDEModel.describe`; they must be JSON-serialisable.
@@ -313,6 +313,7 @@ def attach_srde(
         raise SRDEError(str(err), key="srde.projections") from None
     stack = find_decoder_stack(model)
     plans = _check_plans(layout.plan(stack.num_layers), stack.num_layers)
+    layer_gather = gather
     gather = gather or (lambda tensors: contextlib.nullcontext())
 
     # Build every router and bank before touching the model, so a failure leaves it unchanged.
@@ -345,13 +346,16 @@ def attach_srde(
         else:
             for proj, weight in weights.items():
                 shared = banks[plan.bank][proj]
-                if (shared.out_features, shared.in_features) != tuple(weight.shape):
+                with gather([weight]):  # a partitioned weight (ZeRO-3) shows its shape only gathered
+                    shape = tuple(weight.shape)
+                if (shared.out_features, shared.in_features) != shape:
                     raise SRDEError(
-                        f"layer {plan.layer} {proj}: weight {tuple(weight.shape)} cannot share bank "
+                        f"layer {plan.layer} {proj}: weight {shape} cannot share bank "
                         f"'{plan.bank}' of shape {(shared.out_features, shared.in_features)}",
                         key="layout",
                     )
-        layers[plan.layer] = SRDEMLP(base, router, banks[plan.bank], combine, layer=plan.layer, context=slot)
+        layers[plan.layer] = SRDEMLP(base, router, banks[plan.bank], combine, layer=plan.layer, context=slot,
+                                     gather=layer_gather)
 
     for p in model.parameters():
         p.requires_grad_(False)

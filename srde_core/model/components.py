@@ -20,12 +20,15 @@ moves entries (and reports how parameters were remapped, so optimiser state foll
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from srde_core.model.context import ForwardContext
@@ -78,6 +81,10 @@ class Selector(nn.Module, ABC):
         ``bank``, on every process (``dist``: :class:`srde_core.dist.Dist`, to agree on decisions)."""
 
 
+#: ``gather(tensors)``: a context in which (possibly partitioned) parameters are readable in full.
+Gather = Callable[[list[torch.Tensor]], AbstractContextManager]
+
+
 @dataclass
 class BankCall:
     """What a bank receives with its input in one forward of one SRDE layer.
@@ -85,12 +92,49 @@ class BankCall:
     ``cache`` is shared by the projections that take the same input in this forward (gate_proj and
     up_proj): a bank may keep work there that a sibling can reuse (the sparse bank keeps the
     per-expert gathered input). It lives for one forward of one layer.
+
+    ``weight`` and ``bias`` are the live parameters of this layer's base projection (each layer's
+    own, also when layers share a bank), ``base`` its output ``x W^T + b`` (``[T, out]``). A bank
+    that reads ``weight`` in its forward sets :attr:`DeltaBank.reads_weight`: the layer then
+    gathers it where the engine shards it (``gather``, ZeRO-3) while the bank runs, and
+    :meth:`linear` gathers it again for the backward.
     """
 
     routing: Routing
     context: ForwardContext
     cache: dict[str, Any] = field(default_factory=dict)
     projection: str = ""
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    gather: Gather | None = None
+
+    def linear(self, u: torch.Tensor) -> torch.Tensor:
+        """``u W^T`` (``[T, in] -> [T, out]``, no bias) with the live weight, differentiable in
+        ``u``; where the engine shards the weight, it is gathered again for the backward instead of
+        being kept (a partitioned parameter is released after the forward)."""
+        if self.gather is None:
+            return F.linear(u, self.weight.to(u.dtype))
+        return _GatheredLinear.apply(u, self.weight, self.gather)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """``u W^T`` for a frozen ``W`` that is readable only inside ``gather([W])``: the forward runs
+    inside the layer's gather, the backward gathers ``W`` itself (nothing of ``W`` is saved)."""
+
+    @staticmethod
+    def forward(ctx, u, weight, gather):
+        ctx.weight, ctx.gather, ctx.shape = weight, gather, tuple(weight.shape)
+        return F.linear(u, weight.to(u.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # readable already (the engine fetched it for the base projection's own backward): use it as
+        # it is; gathering it again would release it under the engine's feet
+        readable = tuple(ctx.weight.shape) == ctx.shape
+        with contextlib.nullcontext() if readable else ctx.gather([ctx.weight]):
+            grad_u = grad @ ctx.weight.to(grad.dtype)
+        return grad_u, None, None
 
 
 @dataclass(frozen=True)
@@ -130,6 +174,12 @@ class DeltaBank(nn.Module, ABC):
     #: ``routing.groups().offsets``, no sparse tensors): the layer then compiles it into its graph.
     #: Other banks run eagerly inside a compiled layer, which compiles around them.
     compile_traceable: bool = False
+    #: Whether the experts' deltas depend on the layer's base weight ``W`` (``dW_e = f(W)``, e.g.
+    #: IA3-style scaling): :meth:`delta_weight` then takes ``weight=W``, the live weight of the layer
+    #: it is asked for (a shared bank gives each layer its own), and the bank keeps no copy of ``W``.
+    weight_dependent: bool = False
+    #: Whether :meth:`forward` reads ``call.weight`` (the layer gathers it where the engine shards it).
+    reads_weight: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,7 +194,8 @@ class DeltaBank(nn.Module, ABC):
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The dense ``dW`` of one expert, ``(out, in)``: for the reference path, merging and analysis.
         A bank whose size varies per token (see :meth:`token_budgets`) also takes ``budget=b``: the
-        delta it applies to a token at budget ``b``; without it, the whole bank's delta."""
+        delta it applies to a token at budget ``b``; without it, the whole bank's delta. A
+        :attr:`weight_dependent` bank takes ``weight=W``, the layer's live base weight."""
 
     def token_budgets(self, x: torch.Tensor, call: BankCall) -> torch.Tensor | None:
         """``[T]``: the fraction of its entries this bank uses for each token of its input ``x``
@@ -233,4 +284,7 @@ class DeltaType(ABC):
     @abstractmethod
     def make_bank(self, weight: torch.Tensor, num_experts: int, generator: torch.Generator) -> DeltaBank:
         """A bank of ``num_experts`` deltas for the frozen ``weight`` (``(out, in)``, gathered in
-        full). The bank must start at dW = 0 so that an untrained SRDE model equals its base."""
+        full, of the first layer that uses the bank: layers may share it, so a bank must not keep a
+        copy of ``weight`` to compute with; it reads the live one from :class:`BankCall`).
+        ``generator`` (CPU) draws anything random. Under ``srde plan`` ``weight`` is on the meta
+        device. The bank must start at dW = 0 so that an untrained SRDE model equals its base."""

@@ -8,7 +8,8 @@ a bank computes, with dense per-expert deltas materialised from ``bank.delta_wei
 
 and the token goes through the plain gated MLP ``down(act(gate(x)) * up(x))`` with those
 projections. A bank whose size varies per token (``bank.token_budgets``, dynamic sparsity) gives
-token ``t`` the delta ``bank.delta_weight(e, budget=b_t)`` of its budget. With the default combine step this is ``(W + sum_k w_tk dW_{e_tk}) x_t``. Nothing
+token ``t`` the delta ``bank.delta_weight(e, budget=b_t)`` of its budget; a bank whose deltas depend
+on the base weight (``bank.weight_dependent``) gets this layer's live ``W`` (``weight=W``). With the default combine step this is ``(W + sum_k w_tk dW_{e_tk}) x_t``. Nothing
 here is fast. Tests compare every delta type, selector, router, combine step and kernel against it.
 """
 
@@ -53,10 +54,17 @@ def dense_reference(mlp: SRDEMLP, hidden: torch.Tensor, context: ForwardContext 
         return linear.weight.to(dtype), bias
 
     parts = {name: base_parts(name) for name in PROJECTIONS}
+    def dense_delta(name: str, expert: int, **kwargs) -> torch.Tensor:
+        """An expert's dense delta; a weight-dependent bank's from this layer's live weight."""
+        bank = mlp.banks[name]
+        if bank.weight_dependent:
+            kwargs["weight"] = parts[name][0]
+        return bank.delta_weight(expert, **kwargs).to(dtype)
+
     deltas = {}  # projection -> [E, out, in]: every expert's dense delta
     if routing is not None:
         for name, bank in mlp.banks.items():
-            deltas[name] = torch.stack([bank.delta_weight(e).to(dtype) for e in range(bank.num_experts)])
+            deltas[name] = torch.stack([dense_delta(name, e) for e in range(bank.num_experts)])
 
     budgeted = {}  # (projection, expert, budget) -> dense delta at that budget
 
@@ -65,7 +73,7 @@ def dense_reference(mlp: SRDEMLP, hidden: torch.Tensor, context: ForwardContext 
             return deltas[name][expert]
         key = (name, expert, budget)
         if key not in budgeted:
-            budgeted[key] = mlp.banks[name].delta_weight(expert, budget=budget).to(dtype)
+            budgeted[key] = dense_delta(name, expert, budget=budget)
         return budgeted[key]
 
     def project(name: str, v: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Example third-party plugin: the inverse_sqrt learning-rate schedule."""
+"""Example third-party plugin: the inverse_sqrt learning-rate schedule and the `full` delta."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ def inverse_sqrt(params: InverseSqrtParams, total_steps: int):
 @hookimpl
 def srde_register(registry):
     registry.add("scheduler", "inverse_sqrt", inverse_sqrt, InverseSqrtParams)
+    # lazy "module:attr" factory: listing plugins does not import torch
+    from srde_example_plugin.params import FullParams
+
+    registry.add("delta", "full", "srde_example_plugin.delta:FullDelta", FullParams, "Whole dense per-expert deltas.")
