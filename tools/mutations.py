@@ -3,13 +3,18 @@
     python tools/mutations.py                 every mutation
     python tools/mutations.py -k accum        the mutations whose name contains "accum"
     python tools/mutations.py --list          list them
+    python tools/mutations.py --changed       before a commit: the mutations whose file or tests differ from HEAD
+    python tools/mutations.py --changed main  ... from another revision
 
 Each mutation is a text replacement in one file of a copy of this checkout (its tracked and
 untracked, not ignored files) in a temporary directory. The selected test files then run there,
 ``python -m pytest -q -x``, with ``PYTHONPATH`` naming the copy so that its ``srde_core`` and
 ``srde_plugins`` are imported instead of the editable install (checked before anything runs). The
 unmutated copy must pass the same tests first. A mutation is *killed* when a test fails; the script
-prints which one, or ``SURVIVED``, and exits non-zero when any mutation survived.
+prints which one, or ``SURVIVED``, and exits non-zero when any mutation survived. A mutation names
+test files or single tests (``file::test``); only those run for it, so ``--changed`` (the mutations
+whose source file or tests differ from a revision, uncommitted and untracked files included) is
+quick enough to run before a commit.
 """
 
 from __future__ import annotations
@@ -165,7 +170,78 @@ MUTATIONS = [
              "plugins/srde_plugins/rl/trainer.py",
              'self.reward_model = state["reward_model"] = RewardModelTrainer(', "self.reward_model = RewardModelTrainer(",
              ("tests/test_rl.py",)),
+    Mutation("forced routing weighted by 1 / router top_k instead of 1 / experts forced per token",
+             "srde_core/model/routing.py",
+             "1.0 / forced.shape[1], device=x.device", "1.0 / self.top_k, device=x.device", ("tests/test_router.py",)),
+    Mutation("softmax_topk gate weights are the full-softmax probabilities",
+             "plugins/srde_plugins/routing/topk.py",
+             "weights = F.softmax(top_logits, dim=-1)", "weights = torch.gather(probs, 1, experts)",
+             ("tests/test_router.py",)),
+    Mutation("soft_merge detaches the router probabilities (no task gradient to the router)",
+             "plugins/srde_plugins/routing/fusion.py",
+             "routing.with_weights(routing.probs, experts)", "routing.with_weights(routing.probs.detach(), experts)",
+             ("tests/test_fusion.py",)),
+    Mutation("gated fusion without the factor 2 (an untrained gate halves the experts)",
+             "plugins/srde_plugins/routing/fusion.py",
+             "routing.weights * 2.0 * torch.sigmoid(scores)", "routing.weights * torch.sigmoid(scores)",
+             ("tests/test_fusion.py",)),
+    Mutation("gumbel noise with the sign flipped (log E instead of -log E)",
+             "plugins/srde_plugins/deltas/sparse/learned.py",
+             "self._noise = (step, -torch.log(exponential", "self._noise = (step, torch.log(exponential",
+             ("tests/test_learned_selectors.py::test_gumbel_noise_is_standard_gumbel_fresh_per_step_and_the_same_within_one",)),
+    Mutation("gumbel hardens to the lowest logits",
+             "plugins/srde_plugins/deltas/sparse/learned.py",
+             "top = torch.topk(self.logits, self.count, dim=1).indices",
+             "top = torch.topk(self.logits, self.count, dim=1, largest=False).indices",
+             ("tests/test_learned_selectors.py::test_gumbel_hardens_to_the_chosen_positions_and_the_optimiser_state_follows",)),
+    Mutation("ZeRO-3 adapter exported without gathering the partitioned parameters",
+             "plugins/srde_plugins/runtime/deepspeed.py",
+             "        with self.gather(list(module.parameters())):\n            yield {name: t.detach().clone()",
+             "        with contextlib.nullcontext():\n            yield {name: t.detach().clone()",
+             ("tests/test_zero3_export.py",)),
+    Mutation("schedule and trainer state left out of the checkpoints",
+             "srde_core/train/driver.py",
+             '"state": {name: obj.state_dict() for name, obj in state.items()},', '"state": {},',
+             ("tests/test_resume_rng.py",)),
+    Mutation("metrics written on every process, not the main one only",
+             "srde_core/train/driver.py", "if logged and dist.is_main:", "if logged:",
+             ("tests/test_ddp.py::test_a_process_other_than_the_main_one_writes_no_metrics_and_no_trainer_state",)),
+    Mutation("plugins register by entry-point name alone (a third party sorting first takes a built-in's name)",
+             "srde_core/plugins.py", "candidates.sort(key=lambda c: (c[1] != PROJECT_DISTRIBUTION, c[0]))",
+             "candidates.sort(key=lambda c: c[0])",
+             ("tests/test_plugins.py::test_a_plugin_sorting_first_cannot_take_over_a_builtin_loss",)),
+    Mutation("a plugin replaces a built-in without saying override=True",
+             "srde_core/plugins.py", "if component.override and taken.provider in builtins", "if taken.provider in builtins",
+             ("tests/test_plugins.py::test_a_third_party_trainer_named_joint_leaves_the_builtin_in_charge",)),
+    Mutation("attach reads a shared layer's weight shape outside the gather (ZeRO-3 shows (0,))",
+             "srde_core/model/attach.py",
+             "with gather([weight]):  # a partitioned weight (ZeRO-3) shows its shape only gathered",
+             "with contextlib.nullcontext():",
+             ("tests/test_scale_delta.py::test_layers_share_banks_over_partitioned_weights",)),
+    Mutation("eval forwards get a context without the token ids",
+             "srde_core/evaluate/losses.py", 'experts.make_context(batch, "eval") if experts is not None',
+             'ForwardContext(domain_ids=batch["domain_ids"], mode="eval") if experts is not None',
+             ("tests/test_forward_context.py::test_a_token_hash_router_trains_evaluates_and_generates",)),
+    Mutation("generation gets no context from the core",
+             "srde_core/model/attach.py", "        if self.context.current is not None:\n            self._auto.append",
+             "        if True:\n            self._auto.append",
+             ("tests/test_forward_context.py::test_a_token_hash_router_trains_evaluates_and_generates",)),
 ]
+
+
+def changed_files(revision: str) -> set[str]:
+    """Paths that differ from ``revision`` in the working tree, and untracked files (not ignored)."""
+    def git(*args: str) -> list[str]:
+        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"mutations: git {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout.splitlines()
+
+    return {*git("diff", "--name-only", revision, "--"), *git("ls-files", "--others", "--exclude-standard")}
+
+
+def touches(mutation: Mutation, changed: set[str]) -> bool:
+    return mutation.path in changed or any(test.split("::")[0] in changed for test in mutation.tests)
 
 
 def copy_checkout(target: Path) -> None:
@@ -211,7 +287,7 @@ def run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
     """(passed, the first failing test or the tail of the output)."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     for known in KNOWN_FAILURES:
-        if known.split("::")[0] in tests:
+        if known.split("::")[0] in {t.split("::")[0] for t in tests}:
             command += ["--deselect", known]
     result = subprocess.run(command, cwd=copy, env=environment(copy), capture_output=True, text=True)
     output = result.stdout + result.stderr
@@ -235,8 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", dest="pattern", default="", help="only mutations whose name contains this")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--changed", nargs="?", const="HEAD", default=None, metavar="REV",
+                        help="only mutations whose file or tests differ from REV (default HEAD)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if args.pattern.lower() in m.name.lower()]
+    if args.changed is not None:
+        changed = changed_files(args.changed)
+        chosen = [m for m in chosen if touches(m, changed)]
+        if not chosen:
+            print(f"no mutation touches the files changed since {args.changed}")
+            return 0
     if args.list:
         for m in chosen:
             print(f"{m.name}  ({m.path}; {', '.join(m.tests)})")
