@@ -61,6 +61,8 @@ def cmd_validate(args) -> int:
     check_recipe(recipe, plugins)  # the components build; the model and its experts build on the meta device
     phases = ", ".join(f"{p.name} [{p.trainer.name}]" for p in recipe.phases)
     print(f"{args.recipe}: ok — recipe '{recipe.name}', phases: {phases}")
+    for broken in plugins.broken:  # e.g. a plugin that registered a name a built-in has
+        print(f"srde: warning: plugin '{broken.name}' failed to load: {broken.error}", file=sys.stderr)
     return 0
 
 

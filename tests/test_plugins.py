@@ -192,6 +192,13 @@ def _with_builtins(*extra: metadata.EntryPoint) -> list[metadata.EntryPoint]:
     return [*metadata.entry_points(group="srde"), *extra]
 
 
+def _only_srde_entry_points(monkeypatch, plugins_module, everything) -> None:
+    """The plugin manager sees ``everything`` as group ``srde``; other groups (torch's) are untouched."""
+    real = metadata.entry_points
+    monkeypatch.setattr(plugins_module.metadata, "entry_points",
+                        lambda group=None, **kw: everything if group == "srde" else real(group=group, **kw) if group else real(**kw))
+
+
 def test_a_plugin_sorting_first_cannot_take_over_a_builtin_loss(plugin_dir):
     ep = write(plugin_dir, "aaa_demo_plugin_hijack", HIJACK.format(override="", tag="a"))
     result = load_plugins(entry_points=_with_builtins(ep))
@@ -243,7 +250,7 @@ def test_a_recipe_needing_a_broken_plugins_component_exits_2_before_any_work(plu
 
     ep = write(plugin_dir, "aaa_demo_plugin_needed", HIJACK.format(override="", tag="c"))
     everything = _with_builtins(ep)
-    monkeypatch.setattr(plugins_module.metadata, "entry_points", lambda group=None: everything)
+    _only_srde_entry_points(monkeypatch, plugins_module, everything)
     recipe = tmp_path / "needs.toml"
     recipe.write_text(f'extends = "{micro_recipe}"\noutput_dir = "{tmp_path / "runs"}"\n'
                       '[[phases]]\nname = "experts"\ntrainer = "joint"\nsteps = 2\nlosses = ["zero_c"]\n')
@@ -252,3 +259,17 @@ def test_a_recipe_needing_a_broken_plugins_component_exits_2_before_any_work(plu
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "unknown loss 'zero_c'" in err[0] and "aaa_demo_plugin_needed" in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_validate_names_the_clash_in_one_warning_line_and_keeps_the_builtin(plugin_dir, micro_recipe, monkeypatch, capsys):
+    import srde_core.plugins as plugins_module
+    from srde_core.cli import main
+
+    ep = write(plugin_dir, "aaa_demo_plugin_clash", HIJACK.format(override="", tag="d"))
+    everything = _with_builtins(ep)
+    _only_srde_entry_points(monkeypatch, plugins_module, everything)
+    assert main(["validate", str(micro_recipe)]) == 0
+    out = capsys.readouterr()
+    assert ": ok" in out.out
+    (line,) = out.err.strip().splitlines()
+    assert line.startswith("srde: warning: plugin 'aaa_demo_plugin_clash' failed to load: PluginError: loss 'lm' is provided twice")
