@@ -130,3 +130,37 @@ def test_the_router_gets_the_task_gradient_through_every_combine_step(combine, t
     analytic = float((weight.grad * step).sum())
     assert abs(numeric) > 1e-6
     assert analytic == pytest.approx(numeric, rel=2e-3)
+
+
+def test_soft_merge_routing_statistics_and_load_balance_count_the_routers_top_k():
+    """soft_merge applies every expert, but what the router chose is its top-k: the load balance
+    (E * sum f_e P_e with f_e the top-k share), its gradient, the max load and srde eval's expert x
+    domain counts come from that choice, as with weighted_sum on the same router."""
+    from srde_core.evaluate.routing import RoutingCounter
+    from srde_core.model.context import ForwardContext
+    from srde_core.train.losses import LossInputs
+    from srde_core.train.objective import router_statistics
+
+    load_balance = resolve_component(PLUGINS, "loss", "load_balance").build()
+    x = torch.randn(2 * 9, 16, generator=torch.Generator().manual_seed(11))
+    results = {}
+    for combine in ("soft_merge", "weighted_sum"):
+        mlp = layer(combine, experts=4, top_k=1)
+        with torch.no_grad():  # a router with a clear favourite: expert 0 takes most tokens
+            mlp.router.gate.weight[0] += 0.5 * x.mean(0) / x.mean(0).norm()
+        context = ForwardContext()
+        routing = mlp.route(x, context)
+        top = torch.topk(routing.logits, 1, dim=1).indices
+        assert torch.equal(routing.routed, top)
+        batch = {"attention_mask": torch.ones(2, 9, dtype=torch.long), "domain_ids": torch.tensor([0, 1])}
+        inputs = LossInputs(hidden=x, lm_head=None, labels=torch.zeros(2, 9), batch=batch, routings=[routing])
+        loss = load_balance(inputs)
+        (grad,) = torch.autograd.grad(loss, mlp.router.gate.weight)
+        counter = RoutingCounter([0], num_domains=2)
+        counter.observe(batch, ForwardContext(routings={0: routing}))
+        results[combine] = (float(loss.detach()), grad, router_statistics([routing], batch["attention_mask"]), counter.counts[0])
+    merged, plain = results["soft_merge"], results["weighted_sum"]
+    assert merged[0] == pytest.approx(plain[0]) and merged[0] > 1.05  # skewed: above the balanced 1.0
+    assert torch.count_nonzero(merged[1]) > 0 and torch.allclose(merged[1], plain[1])
+    assert merged[2] == plain[2] and merged[2]["router_max_load"] > 0.25
+    assert torch.equal(merged[3], plain[3]) and int(merged[3].sum()) == 18  # one slot per token (k = 1)

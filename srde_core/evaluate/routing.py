@@ -1,7 +1,8 @@
 """Routing analysis: which experts serve which domains.
 
 For every SRDE layer, an expert x domain load matrix counts the routed slots over the real (non-pad)
-eval tokens: a token counts once for each of its top-k experts, so a layer's matrix sums to
+eval tokens: a token counts once for each of the top-k experts its router chose (``Routing.routed``:
+also under a combine step that applies every expert), so a layer's matrix sums to
 ``real tokens * top_k``. From a matrix:
 
 - an expert's *purity* is the largest share one domain has of its load;
@@ -102,9 +103,9 @@ class RoutingCounter:
         domain = batch["domain_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[mask]
         for layer in self.layers:
             routing = context.routings.get(layer)
-            if routing is None or routing.experts.shape[0] != mask.numel():
+            if routing is None or routing.routed.shape[0] != mask.numel():
                 raise RuntimeError(f"layer {layer}: the context holds no routing of this batch's forward")
-            experts = routing.experts[mask]  # [N, k]
+            experts = routing.routed[mask]  # [N, k]: the router's choice
             cells = experts * self.num_domains + domain[:, None]
             size = routing.num_experts * self.num_domains
             found = torch.bincount(cells.reshape(-1), minlength=size).reshape(routing.num_experts, self.num_domains)

@@ -58,10 +58,19 @@ class Routing:
     logits: torch.Tensor  # [T, E]
     num_experts: int
     _groups: ExpertGroups | None = field(default=None, repr=False)
+    #: [T, k] the router's decision when a combine step applies other experts (None: ``experts``)
+    chosen: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def top_k(self) -> int:
         return self.experts.shape[1]
+
+    @property
+    def routed(self) -> torch.Tensor:
+        """``[T, k]``: the experts the router chose for each token (or the context forced). A
+        combine step may apply other experts (``soft_merge`` applies every expert); routing
+        statistics, the load balance and the expert x domain counts read this, not ``experts``."""
+        return self.experts if self.chosen is None else self.chosen
 
     def groups(self) -> ExpertGroups:
         """The token slots sorted by expert (stable: token order within an expert); expert ``e``'s
@@ -78,13 +87,20 @@ class Routing:
             )
         return self._groups
 
-    def with_weights(self, weights: torch.Tensor, experts: torch.Tensor | None = None) -> Routing:
-        """The same decision with new gate weights (and experts): what a combine step returns."""
-        return replace(self, weights=weights, experts=self.experts if experts is None else experts, _groups=None)
+    def with_weights(self, weights: torch.Tensor, experts: torch.Tensor | None = None, *,
+                     decision: bool = False) -> Routing:
+        """The same decision with new gate weights (and experts): what a combine step returns. The
+        router's choice (:attr:`routed`) stays what it was, unless ``decision`` says the new
+        experts are the decision (a forced assignment)."""
+        if experts is None:
+            experts = self.experts
+        chosen = None if decision or experts is self.experts and self.chosen is None else self.routed
+        return replace(self, weights=weights, experts=experts, chosen=chosen, _groups=None)
 
     def load(self) -> torch.Tensor:
-        """Fraction of routed token slots per expert, ``[E]`` (no gradient; fixed shape, no host sync)."""
-        flat = self.experts.reshape(-1)
+        """Fraction of routed token slots per expert (of :attr:`routed`), ``[E]`` (no gradient;
+        fixed shape, no host sync)."""
+        flat = self.routed.reshape(-1)
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         return counts.float() / max(1, flat.numel())
@@ -119,7 +135,7 @@ class Router(nn.Module, ABC):
         ):
             raise ValueError(f"forced experts must lie in [0, {self.num_experts})")
         weights = torch.full(forced.shape, 1.0 / forced.shape[1], device=x.device, dtype=routing.weights.dtype)
-        return routing.with_weights(weights, forced)
+        return routing.with_weights(weights, forced, decision=True)
 
 
 class RouterType(ABC):

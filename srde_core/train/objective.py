@@ -140,14 +140,15 @@ def token_shares(batches: list[dict[str, torch.Tensor]], dist: Any) -> list[floa
 
 
 def router_statistics(routings, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Logging only: the busiest expert's share of routed slots and the routing entropy (nats), over
+    """Logging only: the busiest expert's share of the slots the router chose (``Routing.routed``,
+    whatever the combine step applies) and the routing entropy (nats), over
     the real tokens (``attention_mask``), averaged over SRDE layers. Read from the forward context's
     routings, so recomputation under gradient checkpointing cannot count anything twice."""
     loads, entropies = [], []
     with torch.no_grad():
         for r in routings:
             keep = attention_mask.reshape(-1).bool() if attention_mask is not None and attention_mask.numel() == r.probs.shape[0] else None
-            experts, probs = (r.experts, r.probs) if keep is None else (r.experts[keep], r.probs[keep])
+            experts, probs = (r.routed, r.probs) if keep is None else (r.routed[keep], r.probs[keep])
             counts = torch.bincount(experts.reshape(-1), minlength=r.num_experts).float()
             loads.append(counts.max() / counts.sum().clamp_min(1.0))
             entropies.append(-(probs * probs.clamp_min(1e-9).log()).sum(-1).mean())

@@ -22,17 +22,19 @@ def _layer_mean(inputs: LossInputs, per_layer: Callable[[Routing], torch.Tensor]
 
 
 def load_balance(params):
-    """E * sum_e f_e * P_e: f_e the share of routed slots (no gradient), P_e the mean probability."""
+    """E * sum_e f_e * P_e (Switch Transformer, Fedus et al. 2022): f_e the share of the slots the
+    router chose (its top-k, also under a combine step that applies every expert; no gradient),
+    P_e the mean probability."""
     return lambda inputs: _layer_mean(inputs, lambda routing: _balance(inputs, routing))
 
 
 def _real(inputs: LossInputs, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(experts, probs, logits) of the real tokens only."""
+    """(experts the router chose, probs, logits) of the real tokens only."""
     keep = inputs.real_tokens(routing.probs.shape[0])
     if keep is None:
-        return routing.experts, routing.probs, routing.logits
+        return routing.routed, routing.probs, routing.logits
     keep = keep.to(routing.probs.device)
-    return routing.experts[keep], routing.probs[keep], routing.logits[keep]
+    return routing.routed[keep], routing.probs[keep], routing.logits[keep]
 
 
 def _balance(inputs: LossInputs, routing: Routing) -> torch.Tensor:

@@ -6,7 +6,9 @@
   expert to apply.
 - ``soft_merge``: every expert, weighted by the router's full-softmax probabilities (a soft merge
   of the expert deltas, ``sum_e p_e dW_e``, in the spirit of SMEAR: one merged delta per token,
-  since deltas are linear). Costs ``E / k`` times the expert compute of top-k routing.
+  since deltas are linear). Costs ``E / k`` times the expert compute of top-k routing. The routing
+  keeps the router's top-k as its decision (``Routing.routed``): the load balance, the routing
+  statistics and ``srde eval``'s expert x domain counts read that, not the E experts applied.
 """
 
 from __future__ import annotations
