@@ -26,7 +26,7 @@ def check_recipe(recipe: Any, plugins: Any) -> None:
     with _as_recipe_error(source, "plugins"):
         for _ in plugins.hook.srde_run_header(recipe=recipe):
             pass
-    with _as_recipe_error(source, "phases"):
+    with _as_recipe_error(source, "phases", others=False):  # a factory that raises is its plugin's failure
         from srde_core.run import build_components
 
         build_components(recipe)
@@ -35,10 +35,11 @@ def check_recipe(recipe: Any, plugins: Any) -> None:
 
 class _as_recipe_error:
     """An SRDEError raised inside becomes a RecipeError (exit 2) with its own key, or ``key``; any
-    other exception becomes one line at ``key``."""
+    other exception becomes one line at ``key`` (with ``others``; else it passes on, to be named as
+    the failure of the plugin that raised it)."""
 
-    def __init__(self, source: str, key: str, what: str = ""):
-        self.source, self.key, self.what = source, key, what
+    def __init__(self, source: str, key: str, what: str = "", *, others: bool = True):
+        self.source, self.key, self.what, self.others = source, key, what, others
 
     def __enter__(self):
         return self
@@ -48,6 +49,8 @@ class _as_recipe_error:
             return False
         if isinstance(err, SRDEError):
             raise RecipeError(err.message, source=err.source or self.source, key=err.key or self.key) from None
+        if not self.others:
+            return False
         raise RecipeError(f"{self.what}{one_line(err)}", source=self.source, key=self.key) from None
 
 
