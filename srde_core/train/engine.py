@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from srde_core.train.entry_ages import BORN, correct_young_entries, mark_born
+
 if TYPE_CHECKING:
     from srde_core.model.components import Remap
     from srde_core.train.driver import TrainingTarget
@@ -236,6 +238,7 @@ class TorchSession(EngineSession):
             foreach=device.type != "cpu" or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, spec.schedule)
+        self.optimizer.register_step_post_hook(correct_young_entries)  # entries born by a remap
         self.max_grad_norm = spec.max_grad_norm
         self.device = device
         self.dtype = autocast_dtype(spec.precision, device)
@@ -290,6 +293,8 @@ class TorchSession(EngineSession):
 
     @torch.no_grad()
     def remap(self, remaps: list[Remap]) -> None:
+        """Moments follow their entries; a new entry starts with zero moments and its own step
+        count for Adam's bias correction (:mod:`srde_core.train.entry_ages`)."""
         for remap in remaps:
             state = self.optimizer.state.pop(remap.old, None)
             if remap.new is not remap.old:
@@ -298,10 +303,11 @@ class TorchSession(EngineSession):
                 continue
             moved = {}
             for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == remap.old.shape:
+                if torch.is_tensor(value) and (value.shape == remap.old.shape or key == BORN):
                     moved[key] = follow_remap(value, remap.index)
                 else:
                     moved[key] = value
+            mark_born(moved, remap.index)
             self.optimizer.state[remap.new] = moved
 
     def _replace(self, old: nn.Parameter, new: nn.Parameter) -> None:
