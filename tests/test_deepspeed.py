@@ -261,12 +261,17 @@ def test_the_zero3_adapter_equals_the_gathered_parameters_and_loads_in_one_plain
 
 
 def test_engine_deepspeed_without_the_package_says_how_to_install_it(plugins, monkeypatch):
+    """The engine builds without deepspeed (``srde plan`` needs none); setting it up, the first
+    thing a run does, says how to install it."""
     from srde_core.errors import SRDEError
+    from srde_core.recipe import load_recipe
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
-    component = plugins.registries["engine"].get("deepspeed")
+    recipe = load_recipe(RECIPE, plugins)
+    engine = recipe.engine.build()
+    assert engine.memory(2).master_copy  # planned without the package
     with pytest.raises(SRDEError, match=r'pip install "srde\[deepspeed\]"') as err:
-        component.build(component.params(zero_stage=3))
+        engine.setup(types.SimpleNamespace(recipe=recipe, dist=__import__("srde_core.dist").dist.SINGLE))
     assert "\n" not in str(err.value)
 
 
@@ -280,11 +285,14 @@ def test_engine_deepspeed_without_the_package_says_how_to_install_it(plugins, mo
     (['srde.delta={ name = "sparse", block = [4, 4], selector = "gumbel_topk" }'], "selector 'gumbel_topk' moves"),
 ])
 def test_combinations_deepspeed_cannot_train_are_refused_before_any_work(plugins, overrides, match):
-    from srde_core.errors import SRDEError
+    """By ``srde validate`` and before a run does any work: one line, exit 2."""
+    from srde_core.cli import main
+    from srde_core.errors import RecipeError
     from srde_core.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, plugins, overrides)
     engine = recipe.engine.build()
-    with pytest.raises(SRDEError, match=match) as err:
+    with pytest.raises(RecipeError, match=match) as err:
         engine.setup(types.SimpleNamespace(recipe=recipe))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+    assert main(["validate", str(RECIPE), *[a for o in overrides for a in ("--set", o)]]) == 2

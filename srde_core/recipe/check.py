@@ -30,6 +30,8 @@ def check_recipe(recipe: Any, plugins: Any) -> None:
         from srde_core.run import build_components
 
         build_components(recipe)
+    with _as_recipe_error(source, "engine", others=False):
+        recipe.engine.build().check_recipe(recipe)
     _check_model(recipe, plugins, source)
 
 

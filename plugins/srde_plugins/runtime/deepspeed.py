@@ -233,8 +233,8 @@ class DeepSpeedEngine(Engine):
 
     def setup(self, run: Any) -> torch.device:
         self.run = run
-        self._check_recipe(run)
-        self.user = self._user_config(run)
+        self.check_recipe(run.recipe)
+        self.user = self._user_config(run.recipe)
         deepspeed = _deepspeed()
         self.zero = self.uses_zero(run.dist.world_size)
         if not self.zero:
@@ -248,57 +248,59 @@ class DeepSpeedEngine(Engine):
                                    auto_mpi_discovery=False, verbose=False)
         return device
 
-    def _check_recipe(self, run: Any) -> None:
+    def check_recipe(self, recipe: Any) -> None:
+        """What this engine cannot train, refused before any work (``srde validate`` too)."""
+        self._user_config(recipe)
         params = self.params
         if params.offload_params and params.zero_stage != 3:
-            raise SRDEError("engine.offload_params needs zero_stage = 3", source=str(run.recipe.path), key="engine.offload_params")
-        for phase in run.recipe.phases:
+            raise RecipeError("engine.offload_params needs zero_stage = 3", source=str(recipe.path), key="engine.offload_params")
+        for phase in recipe.phases:
             if phase.on_nonfinite == "skip":
-                raise SRDEError(
+                raise RecipeError(
                     "engine 'deepspeed' cannot drop a step's update (its gradients live in ZeRO's partitions); "
                     "use on_nonfinite = \"stop\" or engine = \"ddp\"",
-                    source=str(run.recipe.path), key=f"phases[{phase.index}].on_nonfinite",
+                    source=str(recipe.path), key=f"phases[{phase.index}].on_nonfinite",
                 )
-        for choice in run.recipe.srde.delta.nested():
+        for choice in recipe.srde.delta.nested():
             if choice.kind == "selector" and getattr(choice.build(), "moves_entries", False):
-                raise SRDEError(
+                raise RecipeError(
                     f"selector '{choice.name}' moves the experts' entries during training, which engine "
                     "'deepspeed' cannot follow (ZeRO keeps the parameters it was given); use engine = \"ddp\"",
-                    source=str(run.recipe.path), key="srde.delta.selector",
+                    source=str(recipe.path), key="srde.delta.selector",
                 )
         try:
-            sparsity = run.recipe.settings("adaptive_sparsity")
+            sparsity = recipe.settings("adaptive_sparsity")
         except KeyError:  # the plugin is not installed
             return
         if sparsity.enabled and (sparsity.prune or params.zero_stage == 3):
             why = "prunes the banks (replaces their parameters)" if sparsity.prune else "reads partitioned values at ZeRO-3"
-            raise SRDEError(
+            raise RecipeError(
                 f"adaptive sparsity {why}, which engine 'deepspeed' cannot follow; use engine = \"ddp\", or "
                 "zero_stage = 2 with [plugins.adaptive_sparsity] prune = false",
-                source=str(run.recipe.path), key="plugins.adaptive_sparsity",
+                source=str(recipe.path), key="plugins.adaptive_sparsity",
             )
 
-    def _user_config(self, run: Any) -> dict[str, Any]:
+    def _user_config(self, recipe: Any) -> dict[str, Any]:
         if not self.params.config:
             return {}
         path = Path(self.params.config).expanduser()
         if not path.is_absolute():
-            path = run.recipe.base_for("engine.config") / path
+            path = recipe.base_for("engine.config") / path
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             reason = err.strerror if isinstance(err, OSError) else f"not JSON: {err}"
-            raise SRDEError(f"DeepSpeed config '{path}' cannot be read ({reason})", source=str(run.recipe.path),
+            raise RecipeError(f"DeepSpeed config '{path}' cannot be read ({reason})", source=str(recipe.path),
                             key="engine.config") from None
         if not isinstance(data, dict):
-            raise SRDEError(f"DeepSpeed config '{path}' is not a JSON object", source=str(run.recipe.path), key="engine.config")
+            raise RecipeError(f"DeepSpeed config '{path}' is not a JSON object", source=str(recipe.path), key="engine.config")
         for half in ("bf16", "fp16"):
             section = data.get(half)
             if self.params.zero_stage == 2 and isinstance(section, dict) and section.get("enabled"):
                 raise RecipeError(
                     f"DeepSpeed config '{path}' enables {half} at ZeRO-2, which casts every parameter, the "
                     "experts' float32 ones too; leave it out (the base keeps model.dtype, and the phase's "
-                    "precision autocasts the matmuls)", source=str(run.recipe.path), key="engine.config")
+                    "precision autocasts the matmuls)", source=str(recipe.path), key="engine.config")
         return data
 
     @staticmethod
