@@ -7,6 +7,8 @@ follows from those and the phase's sizes:
 
 - gradients: one per trainable element, in its dtype (the experts' are fp32);
 - optimiser state: AdamW's two fp32 moments per trainable element;
+- trainer's copies: copies of the trainable parameters a trainer keeps (``trainable_copies`` of its
+  params: the RL trainers' frozen KL reference);
 - activations: what autograd saves per token and decoder layer, from the first layer with
   experts on (layers before it need no gradient), for a micro-batch of ``batch_size x seq_len``
   tokens (see :func:`layer_activation_bytes`); with gradient checkpointing, each layer's input;
@@ -269,6 +271,10 @@ def _phase_rows(recipe: Any, phase: Any, config: Any, experts: Any, counts: _Cou
     if layout.master_copy:
         rows.append(PlanRow("master copy", optimizer_kept * 4 * numel // layout.optimizer_shards,
                             "fp32 flat partitions of the trainable parameters (ZeRO)"))
+    copies = getattr(phase.trainer.params, "trainable_copies", 0)  # e.g. an RL trainer's frozen reference
+    if copies:
+        rows.append(PlanRow("trainer's copies", copies * counts.trainable_bytes // layout.param_shards,
+                            f"{copies} x the trainable parameters, frozen (an RL phase's KL reference)"))
     rows += _activation_rows(recipe, phase, config, experts)
     if layout.bucket_elements:
         rows.append(PlanRow("gradient bucket", min(layout.bucket_elements, max(numel, layout.bucket_floor)) * 4,
