@@ -102,3 +102,26 @@ def test_the_warm_start_draws_every_domain_from_a_domain_sorted_file(phase1_run)
             for name, p in run.experts.trainable_parameters().items():
                 if name in before:
                     p.copy_(before[name])
+
+
+def test_a_domain_without_training_rows_gets_no_warm_start_direction_and_is_named(phase1_run):
+    """A domain that has eval rows but no training rows has no centroid: it is named (the trainer
+    logs a warning line) and leaves the other experts' directions as they are, instead of turning
+    a zero centroid into a direction."""
+    import copy
+
+    run = copy.copy(phase1_run)
+    run.data = copy.copy(phase1_run.data)
+    run.data.domains = [*phase1_run.data.domains, "ghost"]
+    before = {n: p.detach().clone() for n, p in run.experts.trainable_parameters().items() if n.startswith("routers.")}
+    try:
+        missing = warm_start_routers(run, run.experts, 4, batch_size=8)
+        assert missing == ["ghost"]
+        for mlp in run.experts.layers.values():
+            gate = next(mlp.router.parameters())
+            assert bool(torch.isfinite(gate).all()) and bool((gate.norm(dim=1) > 0).all())
+    finally:
+        with torch.no_grad():
+            for name, p in run.experts.trainable_parameters().items():
+                if name in before:
+                    p.copy_(before[name])

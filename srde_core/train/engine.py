@@ -175,6 +175,10 @@ class EngineSession(ABC):
 class Engine(ABC):
     """The ``engine`` component: picked once per run."""
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Refuse (a :class:`~srde_core.errors.RecipeError`, one line naming the key) what this
+        engine cannot train of ``recipe``: called by ``srde validate`` and before a run does any work."""
+
     def setup(self, run: Any) -> torch.device:
         """Join the processes of the run (``run.dist``) and return this process's device."""
         run.dist.init(run.device.type)
