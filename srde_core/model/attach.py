@@ -152,6 +152,15 @@ class SRDEModel:
         if self._auto:
             self._auto.pop().__exit__(None, None, None)
 
+    def step_selectors(self, step: int, total_steps: int, dist: Any) -> None:
+        """After optimiser step ``step`` (1-based) of a phase of ``total_steps``: every selector of
+        every bank that trains (``bank.selectors()``) gets its ``after_step`` (shared banks once)."""
+        for per_proj in self._banks.values():
+            for bank in per_proj.values():
+                if any(p.requires_grad for p in bank.parameters()):
+                    for selector in bank.selectors():
+                        selector.after_step(bank, step, total_steps, dist)
+
     def add_remap_listener(self, listener: RemapListener) -> None:
         """``listener(remaps)`` is called whenever any bank's parameters are remapped."""
         for per_proj in self._banks.values():

@@ -77,8 +77,10 @@ class Selector(nn.Module, ABC):
         return None
 
     def after_step(self, bank: DeltaBank, step: int, total_steps: int, dist: Any) -> None:
-        """Called after optimiser step ``step`` (1-based) of a phase of ``total_steps`` that trains
-        ``bank``, on every process (``dist``: :class:`srde_core.dist.Dist`, to agree on decisions)."""
+        """Called by the core's step driver after optimiser step ``step`` (1-based: the steps done)
+        of a phase of ``total_steps`` that trains ``bank`` (for every selector in
+        ``bank.selectors()``), on every process (``dist``: :class:`srde_core.dist.Dist`, to agree
+        on decisions)."""
 
 
 #: ``gather(tensors)``: a context in which (possibly partitioned) parameters are readable in full.
@@ -210,6 +212,12 @@ class DeltaBank(nn.Module, ABC):
         dense delta would be too large."""
         flat = torch.stack([self.delta_weight(e).reshape(-1) for e in range(self.num_experts)])
         return flat @ flat.T
+
+    def selectors(self) -> list[Selector]:
+        """The selectors this bank keeps (its :class:`Selector` submodules). After every optimiser
+        step of a phase that trains the bank, the core's step driver gives each its
+        :meth:`Selector.after_step`."""
+        return [module for module in self.children() if isinstance(module, Selector)]
 
     # -- structure that changes during training -------------------------------------------------
 

@@ -178,6 +178,8 @@ def _drive(run, phase, target, step_fn, state, session, seed) -> dict[str, Any]:
                 run.log(f"{phase.name}: step {done}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
             for obj in observers:
                 obj.observe(done, metrics)
+            if getattr(run, "experts", None) is not None:  # learned selectors may move their entries
+                run.experts.step_selectors(done, phase.steps, dist)
             run.hook.srde_after_step(phase=phase, run=run, step=done, metrics=metrics)
             eta = elapsed / (done - start) * (phase.steps - done)
             logged = done % phase.log_every == 0 or done == phase.steps

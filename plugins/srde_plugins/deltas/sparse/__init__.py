@@ -17,8 +17,8 @@ The positions come from a selector, nested in the delta's table:
 ``delta = { name = "sparse", density = 0.01, selector = { name = "magnitude" } }``. This package
 also registers the position selectors ``magnitude`` (largest |W|) and ``random``, and the learned
 ones ``gumbel_topk`` (a straight-through Gumbel top-k mask over candidates, then hardened) and
-``spiel`` (drop-and-grow toward large gradients); after every optimiser step its ``srde_after_step``
-hook gives each trained bank's selector its ``after_step``.
+``spiel`` (drop-and-grow toward large gradients); after every optimiser step the core's step
+driver gives each trained bank's selector its ``after_step``.
 
 Layout of the family: this module registers (no torch); :mod:`.bank` holds the bank,
 :mod:`.kernels` the per-expert CSR kernels, :mod:`.block` the bank and kernel of block positions
@@ -154,15 +154,6 @@ class SpielParams(Params):
     )
 
     _until = field_validator("until")(_phase_point)
-
-
-@hookimpl
-def srde_after_step(phase, run, step, metrics):
-    experts = getattr(run, "experts", None)
-    if experts is not None:
-        from srde_plugins.deltas.sparse.learned import step_selectors
-
-        step_selectors(experts.banks(), step, phase.steps, run.dist)
 
 
 @hookimpl

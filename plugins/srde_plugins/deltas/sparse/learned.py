@@ -4,7 +4,7 @@ Both keep choosing positions while the experts train (the :class:`Selector` cont
 ``entry_scale`` in every forward, ``after_step`` after every optimiser step, moves only through
 ``bank.set_positions``). Everything they remember is a parameter or buffer of the selector, which
 the bank keeps as its submodule ``selector``: checkpoints and adapters carry it, and a resumed run
-continues exactly. :func:`step_selectors` is what the package's ``srde_after_step`` hook calls.
+continues exactly.
 
 Neither assumes that an entry is one weight element: they rank whatever 2-D tensor ``select`` is
 given (weight magnitudes here; a grid of pooled block norms for block positions).
@@ -20,15 +20,6 @@ from torch import nn
 from srde_core.model.components import DeltaBank, Selector
 from srde_plugins.deltas.sparse.kernels import build_csr_structure, sampled_gradient
 from srde_plugins.deltas.sparse.selectors import _check_request
-
-
-def step_selectors(banks, step: int, total_steps: int, dist) -> None:
-    """Give every trained bank's selector its ``after_step`` (``banks``: key -> projection -> bank)."""
-    for per_proj in banks.values():
-        for bank in per_proj.values():
-            selector = getattr(bank, "selector", None)
-            if isinstance(selector, Selector) and any(p.requires_grad for p in bank.parameters()):
-                selector.after_step(bank, step, total_steps, dist)
 
 
 def _phase_step(at: int | float, total_steps: int) -> int:
