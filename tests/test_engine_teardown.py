@@ -48,7 +48,7 @@ DEEPSPEED_SCRIPT = textwrap.dedent("""
     from srde_core.train.driver import TrainingTarget
     from srde_core.train.engine import OptimizerSpec
 
-    recipe = load_recipe({recipe!r}, load_plugins(), ["engine.zero_stage=" + sys.argv[1]])
+    recipe = load_recipe({recipe!r}, load_plugins(), ["engine.zero_stage=" + sys.argv[1], 'engine.one_process="zero"'])
     run = types.SimpleNamespace(recipe=recipe, dist=SINGLE, device=torch.device("cpu"), log=print)
     engine = recipe.engine.build()
     engine.setup(run)
