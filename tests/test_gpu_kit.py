@@ -138,7 +138,8 @@ def test_report_records_variants_that_failed_or_ran_out_of_time(tmp_path, capsys
                 "eager": ("timeout", "eager 2/3"), "phase1-sequential": ("skipped", "out of time (540 s budget)")}
     result = report.report(gpu_settings(), 8, plans, launches, results, {"gpu": None, "versions": {"torch": "x"}})
     v = result["variants"]
-    assert [v[n]["status"] for n in check.VARIANTS] == ["ok", "failed", "timeout", "skipped"]
+    assert {n: v[n]["status"] for n in check.VARIANTS} == {
+        "headline": "ok", "sdpa": "failed", "eager": "timeout", "phase1-sequential": "skipped"}
     assert "RuntimeError: boom" in v["sdpa"]["error"] and v["phase1-sequential"]["error"].startswith("out of time")
     assert result["comparisons"]["compile_vs_eager"]["pretrain"] == pytest.approx(2.0)  # the finished phase counts
     assert result["comparisons"]["flash_vs_sdpa"]["pretrain"] is None
@@ -155,6 +156,7 @@ def test_wheel_set_is_what_the_image_lacks_and_pure_python():
     assert "flash-attn" not in roots
     found = wheels.closure(wheels.project_roots(), "3.12")
     assert "torch" not in found and "pydantic-core" in found and "tomli" not in found  # tomli: Python < 3.11 only
+    assert "pycountry" in found  # asked for through an extra: mistral-common needs pydantic-extra-types[pycountry]
     image = wheels.image_packages()
     assert {"torch", "transformers", "numpy"} <= image and "deepspeed" not in image
     carried = wheels.choose(found, image)

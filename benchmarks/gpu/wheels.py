@@ -90,20 +90,30 @@ def is_pure(dist: metadata.Distribution) -> bool:
 
 def closure(roots: list[Requirement], python: str) -> dict[str, metadata.Distribution]:
     """Canonical name -> installed distribution of every package the roots need on ``python``
-    (markers evaluated for it), not descending into ``IMAGE_STACK``. A needed package that is not
-    installed here stops with one line."""
-    env, found, todo = marker_env(python), {}, list(roots)
+    (markers evaluated for it, with the extras each requirement asks for), not descending into
+    ``IMAGE_STACK``. A needed package that is not installed here stops with one line."""
+    env = marker_env(python)
+    found: dict[str, metadata.Distribution] = {}
+    walked: set[tuple[str, str]] = set()
+    todo = list(roots)
     while todo:
         req = todo.pop()
         name = canonicalize_name(req.name)
-        if (req.marker and not req.marker.evaluate(env)) or name in found or name in IMAGE_STACK:
+        if (req.marker and not req.marker.evaluate(env)) or name in IMAGE_STACK:
             continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            sys.exit(f"wheels: {name} (needed by the project) is not installed here; pip install -e '.[dev]' first")
-        found[name] = dist
-        todo.extend(Requirement(text) for text in dist.requires or [])
+        if name not in found:
+            try:
+                found[name] = metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                sys.exit(f"wheels: {name} (needed by the project) is not installed here; pip install -e '.[dev]' first")
+        for extra in ("", *sorted(req.extras)):
+            if (name, extra) in walked:
+                continue
+            walked.add((name, extra))
+            for text in found[name].requires or []:
+                need = Requirement(text)
+                if need.marker is None or need.marker.evaluate({**env, "extra": extra}):
+                    todo.append(Requirement(str(need).split(";")[0]))  # its marker is decided here
     return found
 
 
@@ -116,27 +126,33 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
 
 
-def fetch(name: str, version: str, dest: Path, pythons: list[str]) -> list[str]:
+def fetch(name: str, version: str, dest: Path, pythons: list[str]) -> tuple[list[str], list[str]]:
     """Download the wheel of ``name==version`` (or of the newest within a specifier such as
     ``>=69``) for each target Python, or build it here from the source archive where no wheel is
-    published (it must come out pure Python). Returns the new files."""
+    published (it must come out pure Python). Returns the new files and the Pythons left without
+    one (a warning; stops where no Python has one)."""
     before = set(p.name for p in dest.glob("*.whl"))
     spec = f"{name}{version}" if version[:1] in "<>=!~" else f"{name}=={version}"
+    missing, why = [], ""
     for python in pythons:
         platform = [a for p in PLATFORMS for a in ("--platform", p)]
         done = _pip("download", "--no-deps", "--only-binary=:all:", "--python-version", python, "--implementation",
                     "cp", *platform, "-d", str(dest), spec)
         if done.returncode == 0:
             continue
+        why = (done.stderr.strip().splitlines() or ["?"])[-1]
         with tempfile.TemporaryDirectory() as tmp:
             built = _pip("wheel", "--no-deps", "--no-build-isolation", "-w", tmp, spec)
             wheels = list(Path(tmp).glob("*.whl"))
-            if built.returncode != 0 or len(wheels) != 1 or not wheels[0].name.endswith("-none-any.whl"):
-                tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-                sys.exit(f"wheels: no wheel of {spec} for Python {python} ({tail}), and no pure-Python build")
-            wheels[0].replace(dest / wheels[0].name)
-        break  # a pure-Python wheel serves every Python
-    return sorted(set(p.name for p in dest.glob("*.whl")) - before)
+            if built.returncode == 0 and len(wheels) == 1 and wheels[0].name.endswith("-none-any.whl"):
+                wheels[0].replace(dest / wheels[0].name)
+                return sorted(set(p.name for p in dest.glob("*.whl")) - before), []  # serves every Python
+        missing.append(python)
+    if len(missing) == len(pythons):
+        sys.exit(f"wheels: no wheel of {spec} ({why}), and no pure-Python build")
+    for python in missing:
+        print(f"  warning: no wheel of {spec} for Python {python}")
+    return sorted(set(p.name for p in dest.glob("*.whl")) - before), missing
 
 
 def build(dest: Path, pythons: list[str]) -> dict:
@@ -154,14 +170,16 @@ def build(dest: Path, pythons: list[str]) -> dict:
         except metadata.PackageNotFoundError:
             carried.setdefault(name, str(req.specifier))
     files: dict[str, list[str]] = {}
+    missing: dict[str, list[str]] = {}
     for name, version in carried.items():
-        files[name] = fetch(name, version, dest, pythons)
+        files[name], missing[name] = fetch(name, version, dest, pythons)
         print(f"  {name} {version}: {', '.join(files[name]) or 'already there'}")
     size = sum(p.stat().st_size for p in dest.glob("*.whl"))
     manifest = {
         "pythons": pythons,
         "install": [str(r) for r in roots if canonicalize_name(r.name) in EXTRA_ROOTS],
-        "carried": {name: {"version": version, "files": files[name], "in_image": name in image}
+        "carried": {name: {"version": version, "files": files[name], "in_image": name in image,
+                           **({"no_wheel_for": missing[name]} if missing[name] else {})}
                     for name, version in carried.items()},
         "bytes": size,
     }
@@ -205,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["build", "install"])
     parser.add_argument("--dest", type=Path, default=WHEELS, help="the wheel folder (default: benchmarks/gpu/wheels)")
     parser.add_argument("--python-version", action="append", dest="pythons",
-                        help="the GPU image's Python, X.Y (repeat for several; default 3.12)")
+                        help="the GPU image's Python, X.Y (repeat for several; default 3.11, 3.12 and 3.13)")
     parser.add_argument("--dry-run", action="store_true", help="install: say what pip would install, install nothing")
     args = parser.parse_args(argv)
     if args.action == "build":
-        build(args.dest, args.pythons or ["3.12"])
+        build(args.dest, args.pythons or ["3.11", "3.12", "3.13"])
         return 0
     return install(args.dest, args.dry_run)
 
