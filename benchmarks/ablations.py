@@ -1,6 +1,10 @@
 """The ablation table: every recipe of ``recipes/ablations/`` on the cached tiny base, several seeds.
 
-    python benchmarks/ablations.py                          every recipe, seeds 0 and 1, 2 jobs
+    python benchmarks/ablations.py                          every recipe, seeds 0, 1 and 2, 2 jobs
+    python benchmarks/ablations.py --suite conventions      recipes/ablations/conventions/ (the second benchmark)
+    python benchmarks/ablations.py --suite conventions --lr-sweep 0.3,1,3
+                                                            each recipe's learning rates x 0.3, 1 and 3 on the
+                                                            validation split, then the table at the best
     python benchmarks/ablations.py recipes/ablations/gated.toml recipes/ablations/sparse.toml
     python benchmarks/ablations.py --seeds 0,1,2 --jobs 1 --set phases.experts.steps=200
     python benchmarks/ablations.py --timing                 step time only, side by side, one job
@@ -12,8 +16,19 @@ data order vary with the seed while all runs share one cached base (trained once
 
 Quality (per finished run, experts on): per-domain and overall eval loss on the eval rows, answer
 accuracy by greedy generation, routing purity and NMI (expert x domain over every SRDE layer), the
-trainable parameters. The table shows the mean over seeds and, after ``±``, half the range over the
-seeds; ``Δ loss`` is paired: variant minus ``sparse`` at the same seed, then averaged.
+trainable parameters. The table shows the mean over seeds and, after ``±``, the half-width of its 95%
+t-interval over the seeds; ``Δ loss`` and ``Δ acc`` are paired (variant minus ``sparse`` at the same
+seed) with the 95% t-interval of the paired differences. With fewer than ``--min-seeds`` (3) seeds an
+interval comes instead from a paired bootstrap over the eval rows (the same rows resampled for both
+recipes and every seed; percentile interval), marked ``b``. A difference whose interval excludes 0
+is marked ``*``.
+
+Learning rates (``--lr-sweep M1,M2,...``): every recipe runs once per multiplier ``M`` (the first
+seed; every phase after the base at ``M`` times its learning rate) and is evaluated on the data's
+validation split (``data.generate.held_out = "validation"``, rows disjoint from the eval split);
+the multiplier of lowest validation loss is kept (``WORKDIR/lr_choice.json``) and the table's seeds
+run with it, on the eval split. The sweep runs at the table's ``--budget``. The validation runs
+train their own copy of the cached base once (their data differs in the held-out file).
 
 Speed (``--timing``): each recipe's expert phases run for ``--timing-steps`` steps, one recipe after
 the other in one invocation at ``--threads`` threads; the median wall time of a step after the first
@@ -43,7 +58,9 @@ from srde_core.hookspecs import hookimpl
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "srde_core" / "recipes" / "ablations"
+SUITES = {"tiny": ABLATIONS, "conventions": ABLATIONS / "conventions"}
 REFERENCE, BASELINE = "sparse", "peft_lora"
+CONFIDENCE = 0.95
 TIMED_PHASE = "experts"  # the step time compared across recipes: the main expert phase
 
 
@@ -115,7 +132,10 @@ def _trainable(run, timer: StepTimer) -> int:
 def _quality(run) -> dict:
     """Eval loss per domain, answer accuracy per domain, routing purity and NMI; experts on."""
     from srde_core.evaluate import evaluation_state
-    from srde_core.evaluate.accuracy import answer_accuracy
+    import torch
+
+    from srde_core.evaluate.accuracy import answer_accuracy, is_correct
+    from srde_core.evaluate.generation import greedy_generate
     from srde_core.evaluate.losses import domain_losses, eval_batches, eval_subset, overall_loss
     from srde_core.evaluate.routing import RoutingCounter, summarize
 
@@ -125,11 +145,39 @@ def _quality(run) -> dict:
                            batch_size=settings.batch_size)
     experts = run.experts
     counter = RoutingCounter(experts.layers, len(domains)) if experts is not None else None
+    row_nll: list[float] = []
+    row_tokens: list[int] = []
+    captured: list = []
+
+    def forward(fn):  # keep each batch's per-token NLL, to sum it per row after the forward
+        out = fn(run.model)
+        captured.append(out[0])
+        return out
+
+    def after_forward(batch, context):
+        keep = batch["labels"][:, 1:] != -100
+        which = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        nll = captured.pop().double()
+        row_nll.extend(torch.zeros(keep.shape[0], dtype=torch.float64, device=nll.device).index_add_(0, which, nll).tolist())
+        row_tokens.extend(keep.sum(1).tolist())
+        if counter is not None:
+            counter.observe(batch, context)
+
+    continuations: list = []
+
+    def generate(*args, **kwargs):
+        out = greedy_generate(*args, **kwargs)
+        continuations.extend(out)
+        return out
+
     with evaluation_state(run.model, experts, enabled=True):
         losses = domain_losses(run.model, batches, domains, device=run.device, experts=experts,
-                               after_forward=counter.observe if counter else None)
+                               after_forward=after_forward, forward=forward)
         accuracy = answer_accuracy(run.model, rows, tokenizer, domains, max_new_tokens=settings.max_new_tokens,
-                                   batch_size=settings.batch_size, device=run.device)
+                                   batch_size=settings.batch_size, device=run.device, generate=generate)
+    columns = rows[:]
+    row_correct = [int(is_correct(d, a, tokenizer.decode(ids)))
+                   for d, a, ids in zip(columns["domain"], columns["answer"], continuations)]
     routing = summarize(counter.aggregate(), domains) if counter is not None else None
     correct = sum(a.correct for a in accuracy.values())
     examples = sum(a.examples for a in accuracy.values())
@@ -138,28 +186,126 @@ def _quality(run) -> dict:
         "accuracy": {d: accuracy[d].accuracy for d in domains} | {"all": correct / max(1, examples)},
         "purity": routing["purity"] if routing else None,
         "nmi": routing["nmi"] if routing else None,
+        "split": run.recipe.data.generate.held_out if run.recipe.data.generate else "eval",
+        "rows": {"domain": list(columns["domain"]), "nll": row_nll, "tokens": row_tokens, "correct": row_correct},
     }
 
 
+# ---- statistics -----------------------------------------------------------------------------------
+
+#: Two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1 .. 30.
+_T975 = (12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252,
+         2.306004135, 2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688,
+         2.131449546, 2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845,
+         2.073873068, 2.068657610, 2.063898562, 2.059538553, 2.055529439, 2.051830516, 2.048407142,
+         2.045229642, 2.042272456)
+_Z975 = 1.959963985
+
+
+def t_quantile(df: int) -> float:
+    """``t_{0.975, df}``: the table up to 30 degrees of freedom, Hill's expansion beyond (error < 1e-6)."""
+    if df < 1:
+        raise ValueError("a t-interval needs at least 2 values")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """``(mean, half-width)`` of the 95% t-interval of the mean of ``values`` (half-width NaN for one value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, t_quantile(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def paired_differences(variant: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """``variant[s] - reference[s]`` for every seed ``s`` both have, in seed order."""
+    return [variant[s] - reference[s] for s in sorted(set(variant) & set(reference))]
+
+
+def bootstrap_interval(runs: list[tuple[list[float], list[float]]], reference: list[tuple[list[float], list[float]]] | None = None,
+                       *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``(estimate, low, high)``: the mean over runs of ``sum(values) / sum(weights)`` over the eval rows
+    (each run one ``(values, weights)`` per row: NLL sums and token counts, or 0/1 correct and 1),
+    minus the same of ``reference[i]`` (run ``i`` paired with ``reference[i]``: the same seed), and
+    its 95% percentile interval over ``resamples`` resamplings of the rows (the same rows for every
+    run and the reference: a paired bootstrap)."""
+    import numpy as np
+
+    def stack(group):
+        return np.asarray([r[0] for r in group], dtype=np.float64), np.asarray([r[1] for r in group], dtype=np.float64)
+
+    values, weights = stack(runs)
+    n = values.shape[1]
+    if reference is not None:
+        ref_values, ref_weights = stack(reference)
+        if ref_values.shape != values.shape:
+            raise ValueError("a paired bootstrap needs the same rows for the variant and the reference")
+
+    def statistic(counts: np.ndarray) -> np.ndarray:  # counts [B, n] -> [B]
+        out = (counts @ values.T) / (counts @ weights.T)
+        if reference is not None:
+            out = out - (counts @ ref_values.T) / (counts @ ref_weights.T)
+        return out.mean(axis=1)
+
+    estimate = float(statistic(np.ones((1, n)))[0])
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+    stats = statistic(counts)
+    low, high = np.quantile(stats, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+    return estimate, float(low), float(high)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """Whether the interval ``[low, high]`` lies on one side of 0 (a significant difference)."""
+    return low == low and high == high and (low > 0 or high < 0)
+
+
+def difference_cell(variant: dict[int, dict], reference: dict[int, dict], metric: str, spec: str,
+                    scale: float = 1.0, min_seeds: int = 3) -> str:
+    """``Δ ± half-width`` of ``metric`` (``loss`` or ``accuracy``) paired by seed against the
+    reference, ``*`` where the interval excludes 0; with fewer than ``min_seeds`` paired seeds, the
+    paired bootstrap over eval rows (marked ``b``) where the rows were recorded."""
+    seeds = sorted(s for s in set(variant) & set(reference) if variant[s].get(metric) and reference[s].get(metric))
+    if not seeds:
+        return "—"
+    if len(seeds) < min_seeds and all(variant[s].get("rows") and reference[s].get("rows") for s in seeds):
+        pick = (lambda r: (r["rows"]["nll"], r["rows"]["tokens"])) if metric == "loss" else \
+               (lambda r: (r["rows"]["correct"], [1] * len(r["rows"]["correct"])))
+        estimate, low, high = bootstrap_interval([pick(variant[s]) for s in seeds], [pick(reference[s]) for s in seeds])
+        mark = "*" if excludes_zero(low, high) else ""
+        return f"{estimate * scale:{spec}} [{low * scale:{spec}}, {high * scale:{spec}}] b{mark}"
+    diffs = paired_differences({s: variant[s][metric]["all"] for s in seeds}, {s: reference[s][metric]["all"] for s in seeds})
+    mean, half = t_interval(diffs)
+    if half != half:
+        return f"{mean * scale:{spec}}"
+    mark = "*" if excludes_zero(mean - half, mean + half) else ""
+    return f"{mean * scale:{spec}} ± {half * scale:{spec.lstrip('+')}}{mark}"
+
+
 # ---- the table (parent process) ------------------------------------------------------------------
-
-def _mean_pm(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (max(values) - min(values)) / 2 if len(values) > 1 else float("nan")
-
 
 def _fmt(values: list[float | None], spec: str, scale: float = 1.0) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
         return "—"
-    mean, pm = _mean_pm(values)
-    return f"{mean:{spec}}" + (f" ± {pm:{spec}}" if pm == pm else "")
+    mean, half = t_interval(values)
+    return f"{mean:{spec}}" + (f" ± {half:{spec}}" if half == half else "")
 
 
-def table(results: list[dict]) -> str:
-    """The markdown table of ``results`` (rows of :func:`run_one`)."""
+def table(results: list[dict], min_seeds: int = 3) -> str:
+    """The markdown table of ``results`` (rows of :func:`run_one`; validation rows of a sweep are left out)."""
     by_recipe: dict[str, dict[int, dict]] = {}
     timing: dict[str, dict[int, dict]] = {}
     for row in results:
+        if row.get("split", "eval") != "eval":
+            continue
         (timing if row.get("timing") else by_recipe).setdefault(row["recipe"], {})[row["seed"]] = row
     for name in timing:
         by_recipe.setdefault(name, {})
@@ -168,24 +314,25 @@ def table(results: list[dict]) -> str:
     domains = next((list(r["loss"]) for rows in by_recipe.values() for r in rows.values() if r.get("loss")), [])
     domains = [d for d in domains if d != "all"]
     ref_step = _step_time(timing.get(REFERENCE) or ({} if timing else reference))
-    head = (["recipe", "seeds", "trainable", "eval loss", "Δ loss vs sparse", "accuracy %", "purity", "NMI", "step time"]
-            + [f"loss {d}" for d in domains])
+    head = (["recipe", "seeds", "lr x", "trainable", "eval loss", "Δ loss vs sparse", "accuracy %", "Δ acc % vs sparse",
+             "purity", "NMI", "step time"] + [f"loss {d}" for d in domains])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
         rows = by_recipe[name]
         quality = [r for r in rows.values() if r.get("loss")]
-        paired = [r["loss"]["all"] - reference[s]["loss"]["all"] for s, r in rows.items()
-                  if r.get("loss") and reference.get(s, {}).get("loss")]
         # a tagged variant (another learning rate) computes what its recipe does: its recipe's timing
         timed = timing.get(name) or timing.get(name.split("@")[0])
         step = _step_time(timed or rows) if timed or not timing else None
+        scales = sorted({r.get("lr_scale", 1.0) for r in rows.values()})
         cells = [
             name + (" (baseline)" if name.split("@")[0] == BASELINE else ""),
             ",".join(str(s) for s in sorted(rows)) or "—",
+            ",".join(f"{x:g}" for x in scales) or "—",
             f"{statistics.median(r['trainable'] for r in (rows or timing[name]).values()):,.0f}",
             _fmt([r["loss"]["all"] for r in quality], ".4f"),
-            "—" if name == REFERENCE else _fmt(paired, "+.4f"),
+            "—" if name == REFERENCE else difference_cell(rows, reference, "loss", "+.4f", min_seeds=min_seeds),
             _fmt([r["accuracy"]["all"] for r in quality], ".1f", 100),
+            "—" if name == REFERENCE else difference_cell(rows, reference, "accuracy", "+.1f", 100, min_seeds=min_seeds),
             _fmt([r["purity"] for r in quality], ".3f"),
             _fmt([r["nmi"] for r in quality], ".3f"),
             f"{step / ref_step:.2f}x" if step and ref_step else "—",
@@ -234,13 +381,39 @@ def budget_overrides(recipe_path: str, budget: float) -> list[str]:
     return overrides
 
 
-def _child(recipe: str, seed: int, args, timing: bool) -> dict:
-    name = Path(recipe).stem + (f"@{args.tag}" if args.tag else "")
-    out = Path(args.workdir) / "rows" / f"{name}-s{seed}{'-timing' if timing else ''}.json"
+def lr_overrides(recipe_path: str, scale: float) -> list[str]:
+    """``--set`` overrides that run every phase after a ``base_pretrain`` one at ``scale`` times its
+    learning rate (a recipe's phases keep their proportions)."""
+    if scale == 1.0:
+        return []
+    from srde_core.plugins import load_plugins
+    from srde_core.recipe import load_recipe
+
+    resolved = load_recipe(recipe_path, load_plugins()).resolved
+    return [f"phases.{phase['name']}.lr={phase['lr'] * scale:.6g}" for phase in resolved["phases"]
+            if phase["trainer"]["name"] != "base_pretrain"]
+
+
+def choose_lr(results: list[dict], recipe: str) -> float | None:
+    """The learning-rate multiplier of ``recipe``'s validation run of lowest loss (None: no sweep)."""
+    sweep = [r for r in results if r.get("split") == "validation" and r["recipe"].split("@")[0] == recipe and r.get("loss")]
+    if not sweep:
+        return None
+    return min(sweep, key=lambda r: (r["loss"]["all"], r.get("lr_scale", 1.0)))["lr_scale"]
+
+
+def _child(recipe: str, seed: int, args, timing: bool, lr_scale: float = 1.0, split: str = "eval") -> dict:
+    tag = args.tag or ""
+    if split == "validation":
+        tag = f"{tag}lr{lr_scale:g}"
+    name = Path(recipe).stem + (f"@{tag}" if tag else "")
+    out = Path(args.workdir) / "rows" / f"{name}-s{seed}{'-timing' if timing else ''}{'-validation' if split == 'validation' else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    overrides = ([] if timing else budget_overrides(recipe, args.budget)) + args.overrides
+    overrides = ([] if timing else budget_overrides(recipe, args.budget)) + lr_overrides(recipe, lr_scale) + args.overrides
+    if split == "validation":
+        overrides.append('data.generate.held_out="validation"')
     command = [sys.executable, __file__, "--one", recipe, "--seed", str(seed), "--threads", str(args.threads),
-               "--out", str(out), "--tag", args.tag] + [x for o in overrides for x in ("--set", o)]
+               "--out", str(out), "--tag", tag, "--lr-scale", str(lr_scale)] + [x for o in overrides for x in ("--set", o)]
     if timing:
         command += ["--timing", "--set", f"phases.experts.steps={args.timing_steps}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -258,7 +431,14 @@ def _child(recipe: str, seed: int, args, timing: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipes", nargs="*", help="recipe files (default: every recipes/ablations/*.toml)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="tiny",
+                        help="the recipes run when none are named: recipes/ablations/ (tiny) or its conventions/ folder")
+    parser.add_argument("--lr-sweep", default="",
+                        help="comma-separated learning-rate multipliers tried per recipe on the validation split "
+                             "(first seed); the table runs at the best (e.g. 0.3,1,3)")
+    parser.add_argument("--min-seeds", type=int, default=3,
+                        help="paired seeds below which differences use the bootstrap over eval rows (default 3)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--workdir", default="runs-ablations", help="working directory of the runs (default runs-ablations)")
@@ -273,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--lr-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     if args.one:  # a child: one run
@@ -281,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or cores)
         row = run_one(args.one, args.seed, args.overrides, evaluate_run=not args.timing, tag=args.tag)
         row["timing"] = args.timing
+        row["lr_scale"] = args.lr_scale
         Path(args.out).write_text(json.dumps(row, indent=1))
         return 0
 
@@ -290,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     results_file = workdir / "ablations.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else []
     if not args.table:
-        recipes = [str(Path(r).resolve()) for r in args.recipes] or [str(p) for p in sorted(ABLATIONS.glob("*.toml"))]
+        recipes = [str(Path(r).resolve()) for r in args.recipes] or [str(p) for p in sorted(SUITES[args.suite].glob("*.toml"))]
         jobs = 1 if args.timing else max(1, args.jobs)
         args.threads = args.threads or max(1, cores // jobs)
         seeds = [0] if args.timing else [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -298,15 +480,32 @@ def main(argv: list[str] | None = None) -> int:
               f"{jobs} job(s) x {args.threads} thread(s), in {workdir}", flush=True)
         # the reference recipe first (timing: it is the unit) and alone (it trains and caches the shared base)
         recipes.sort(key=lambda r: Path(r).stem != REFERENCE)
-        todo = [(r, s) for r in recipes for s in seeds]
-        first, rest = todo[:1], todo[1:]
-        new = [_child(r, s, args, args.timing) for r, s in first]
-        with ThreadPoolExecutor(jobs) as pool:
-            new += list(pool.map(lambda job: _child(job[0], job[1], args, args.timing), rest))
-        fresh = {(r["recipe"], r["seed"], r["timing"]) for r in new if r}
-        results = [r for r in results if (r["recipe"], r["seed"], r.get("timing", False)) not in fresh] + [r for r in new if r]
+        def key(r):
+            return r["recipe"], r["seed"], r.get("timing", False), r.get("split", "eval")
+
+        def run_all(todo):  # the first job alone (it trains and caches the shared base), then the rest
+            new = [_child(todo[0][0], todo[0][1], args, args.timing, *todo[0][2:])] if todo else []
+            with ThreadPoolExecutor(jobs) as pool:
+                new += list(pool.map(lambda job: _child(job[0], job[1], args, args.timing, *job[2:]), todo[1:]))
+            return [r for r in new if r]
+
+        scales = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
+        if scales and not args.timing:
+            sweep = run_all([(r, seeds[0], m, "validation") for r in recipes for m in scales])
+            fresh = {key(r) for r in sweep}
+            results = [r for r in results if key(r) not in fresh] + sweep
+            choice = {Path(r).stem: choose_lr(results, Path(r).stem) for r in recipes}
+            (workdir / "lr_choice.json").write_text(json.dumps(choice, indent=1))
+            print("learning-rate multipliers chosen on the validation split: "
+                  + ", ".join(f"{k} x{v:g}" for k, v in choice.items() if v is not None), flush=True)
+        else:
+            saved = workdir / "lr_choice.json"
+            choice = json.loads(saved.read_text()) if saved.is_file() and not args.timing else {}
+        new = run_all([(r, s, choice.get(Path(r).stem) or 1.0, "eval") for r in recipes for s in seeds])
+        fresh = {key(r) for r in new}
+        results = [r for r in results if key(r) not in fresh] + new
         results_file.write_text(json.dumps(results, indent=1))
-    text = table(results)
+    text = table(results, args.min_seeds)
     (workdir / "ablations.md").write_text(text + "\n")
     print(text)
     return 0

@@ -18,9 +18,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from srde_core.data.domains import MODULES
+from srde_core.data.domains import MODULES, conventions
 
 DOMAINS: tuple[str, ...] = ("math", "code", "logic", "science", "planning", "patterns")
+
+#: The generated corpora (``[data.generate] corpus``) and their domains: ``reasoning`` (the six
+#: domains above, the tiny default) and ``conventions`` (one kind of arithmetic prompt under seven
+#: conventions; see :mod:`srde_core.data.domains.conventions`).
+CORPORA: dict[str, tuple[str, ...]] = {"reasoning": DOMAINS, "conventions": conventions.DOMAINS}
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3)
 
 # Bump when any generator changes its output: cached corpora and tokenised caches key on it.
@@ -29,6 +34,7 @@ CORPUS_VERSION = 1
 _MAX_MISSES = 20_000
 
 TRAIN_FILE, EVAL_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "manifest.json"
+VALIDATION_FILE = "validation.jsonl"
 
 
 def format_prompt(question: str) -> str:
@@ -37,10 +43,11 @@ def format_prompt(question: str) -> str:
 
 
 def _module(domain: str):
-    try:
-        return MODULES[domain]
-    except KeyError:
-        raise ValueError(f"unknown domain {domain!r} (domains: {', '.join(DOMAINS)})") from None
+    module = MODULES.get(domain) or conventions.MODULES.get(domain)
+    if module is None:
+        known = ", ".join(d for domains in CORPORA.values() for d in domains)
+        raise ValueError(f"unknown domain {domain!r} (domains: {known})")
+    return module
 
 
 def _stream(domain: str, tag: str, difficulty: int | None) -> Iterator[dict]:
@@ -101,20 +108,36 @@ def _draw(domain: str, n: int, tag: str, exclude: set[str], unique: bool) -> lis
 
 
 def build_corpus(examples_per_domain: int, eval_per_domain: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """The train and eval examples of :func:`write_corpus`, in memory.
+    """The train and eval examples of :func:`write_corpus`, in memory (the reasoning corpus).
 
     Eval prompts are distinct and drawn first; train prompts never equal an eval prompt (train may
     repeat a prompt, as small difficulty-1 spaces must). Both lists are shuffled across domains.
     """
-    eval_rows: list[dict] = []
-    train_rows: list[dict] = []
-    for domain in DOMAINS:
+    splits = build_splits(examples_per_domain, eval_per_domain, seed)
+    return splits["train"], splits["eval"]
+
+
+def build_splits(examples_per_domain: int, eval_per_domain: int, seed: int, corpus: str = "reasoning",
+                 validation_per_domain: int = 0) -> dict[str, list[dict]]:
+    """``{"train", "eval", "validation"}`` rows of ``corpus``. Eval prompts are drawn first, then
+    ``validation_per_domain`` validation prompts (distinct, none an eval prompt); train prompts are
+    neither. Without validation rows the train and eval rows are those of :func:`build_corpus`."""
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r} (corpora: {', '.join(CORPORA)})")
+    rows: dict[str, list[dict]] = {"train": [], "eval": [], "validation": []}
+    for domain in CORPORA[corpus]:
         held_out = _draw(domain, eval_per_domain, f"{seed}:eval", set(), unique=True)
-        eval_rows += held_out
-        train_rows += _draw(domain, examples_per_domain, f"{seed}:train", {e["prompt"] for e in held_out}, False)
-    random.Random(f"srde-corpus:shuffle:{seed}").shuffle(train_rows)
-    random.Random(f"srde-corpus:shuffle-eval:{seed}").shuffle(eval_rows)
-    return train_rows, eval_rows
+        excluded = {e["prompt"] for e in held_out}
+        rows["eval"] += held_out
+        if validation_per_domain:
+            validation = _draw(domain, validation_per_domain, f"{seed}:validation", excluded, unique=True)
+            excluded |= {e["prompt"] for e in validation}
+            rows["validation"] += validation
+        rows["train"] += _draw(domain, examples_per_domain, f"{seed}:train", excluded, False)
+    random.Random(f"srde-corpus:shuffle:{seed}").shuffle(rows["train"])
+    random.Random(f"srde-corpus:shuffle-eval:{seed}").shuffle(rows["eval"])
+    random.Random(f"srde-corpus:shuffle-validation:{seed}").shuffle(rows["validation"])
+    return rows
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -133,9 +156,12 @@ def _sha256(path: Path) -> str:
 
 
 def write_corpus(
-    directory: str | os.PathLike, examples_per_domain: int, eval_per_domain: int, seed: int
+    directory: str | os.PathLike, examples_per_domain: int, eval_per_domain: int, seed: int,
+    corpus: str = "reasoning", validation_per_domain: int = 0,
 ) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` into ``directory``; return their paths.
+    """Write ``train.jsonl`` and ``eval.jsonl`` (and, with ``validation_per_domain``,
+    ``validation.jsonl``: held-out rows for choosing settings, disjoint from eval) of ``corpus``
+    into ``directory``; return the train and eval paths.
 
     Each file is written to a temporary file and renamed into place, and ``manifest.json`` (the
     parameters and the files' hashes) last, so a crash never leaves a corpus that looks complete.
@@ -148,25 +174,30 @@ def write_corpus(
     manifest_path = directory / MANIFEST_FILE
     wanted = {
         "version": CORPUS_VERSION,
-        "domains": list(DOMAINS),
+        "domains": list(CORPORA[corpus]) if corpus in CORPORA else [],
         "examples_per_domain": examples_per_domain,
         "eval_per_domain": eval_per_domain,
         "seed": seed,
     }
-    if manifest_path.exists() and train_path.exists() and eval_path.exists():
+    files = {TRAIN_FILE: train_path, EVAL_FILE: eval_path}
+    if corpus != "reasoning" or validation_per_domain:  # the reasoning corpus's manifests stay as they were
+        wanted |= {"corpus": corpus, "validation_per_domain": validation_per_domain}
+    if validation_per_domain:
+        files[VALIDATION_FILE] = directory / VALIDATION_FILE
+    if manifest_path.exists() and all(path.exists() for path in files.values()):
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             manifest = {}
         if manifest.get("parameters") == wanted and manifest.get("sha256") == {
-            TRAIN_FILE: _sha256(train_path),
-            EVAL_FILE: _sha256(eval_path),
+            name: _sha256(path) for name, path in files.items()
         }:
             return train_path, eval_path
 
-    train_rows, eval_rows = build_corpus(examples_per_domain, eval_per_domain, seed)
-    for path, rows in ((train_path, train_rows), (eval_path, eval_rows)):
-        _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    manifest = {"parameters": wanted, "sha256": {TRAIN_FILE: _sha256(train_path), EVAL_FILE: _sha256(eval_path)}}
+    splits = build_splits(examples_per_domain, eval_per_domain, seed, corpus, validation_per_domain)
+    split_of = {TRAIN_FILE: "train", EVAL_FILE: "eval", VALIDATION_FILE: "validation"}
+    for name, path in files.items():
+        _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split_of[name]]))
+    manifest = {"parameters": wanted, "sha256": {name: _sha256(path) for name, path in files.items()}}
     _atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return train_path, eval_path

@@ -34,9 +34,25 @@ class TokenizerParams(Params):
 
 
 class GenerateParams(Params):
+    corpus: Literal["reasoning", "conventions"] = Field(
+        "reasoning", description="which generated corpus: the six reasoning domains, or one arithmetic prompt under "
+        "seven conventions (a general domain and six tagged ones)",
+    )
     examples_per_domain: int = Field(2000, ge=1, description="training examples per domain")
     eval_per_domain: int = Field(200, ge=1, description="held-out examples per domain")
+    validation_per_domain: int = Field(
+        0, ge=0, description="held-out validation examples per domain (for choosing settings), disjoint from eval",
+    )
+    held_out: Literal["eval", "validation"] = Field(
+        "eval", description="the held-out split the run evaluates on: eval, or validation (to choose settings)",
+    )
     seed: int = Field(0, description="generator seed")
+
+    @model_validator(mode="after")
+    def _validation_exists(self) -> GenerateParams:
+        if self.held_out == "validation" and not self.validation_per_domain:
+            raise ValueError("held_out 'validation' needs validation_per_domain > 0")
+        return self
 
 
 class ColumnsParams(Params):
@@ -54,7 +70,7 @@ class DataParams(Params):
     hf_name: str | None = Field(None, description="format 'hf': dataset name on the hub or local path")
     hf_train_split: str = "train"
     hf_eval_split: str = "validation"
-    generate: GenerateParams | None = Field(None, description="generate the six-domain corpus instead of files")
+    generate: GenerateParams | None = Field(None, description="generate a built-in corpus instead of files")
     columns: ColumnsParams = Field(default_factory=ColumnsParams)
     seq_len: int = Field(128, ge=8, description="tokens per example (longer ones are truncated)")
     loss_on: Literal["all", "answer"] = Field("all", description="labelled tokens: the whole text or the answer")

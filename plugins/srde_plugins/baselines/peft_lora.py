@@ -85,7 +85,7 @@ class PeftLora(Trainer):
         return result
 
     @staticmethod
-    def _save_base(run) -> None:
+    def _save_base(run, suffix: str = "peft-lora", what: str = "LoRA merged into the base") -> None:
         final = run.run_dir / "base" / "model.safetensors"
         if run.dist.is_main:
             tmp = final.parent.with_name(f".tmp-base-{os.getpid()}")
@@ -96,8 +96,8 @@ class PeftLora(Trainer):
             os.replace(tmp, final.parent)
         run.dist.barrier()
         run.base.weights = str(final.resolve())
-        run.base.id = f"{run.base.id}+peft-lora"
-        run.log(f"LoRA merged into the base: {final.parent}")
+        run.base.id = f"{run.base.id}+{suffix}"
+        run.log(f"{what}: {final.parent}")
 
 
 @torch.no_grad()

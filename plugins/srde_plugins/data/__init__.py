@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from srde_core.hookspecs import hookimpl
-from srde_core.params import NoParams, Params
+from srde_core.params import Params
 
 
 class CurriculumParams(Params):
@@ -35,14 +35,22 @@ class CurriculumParams(Params):
     )
 
 
+class ShuffledParams(Params):
+    domains: list[str] = Field(
+        default_factory=list,
+        description="draw only the examples of these domains (e.g. a base pre-trained on a general domain); "
+        "empty: every example",
+    )
+
+
 class DomainBalancedParams(Params):
     column: str = Field("domain", min_length=1, description="the column whose values make the groups (the domain)")
 
 
 @hookimpl
 def srde_register(registry):
-    registry.add("sampler", "shuffled", "srde_plugins.data.shuffled:ShuffledSampler", NoParams,
-                 "Epoch-wise shuffled order: a new seeded permutation of the training set every epoch.")
+    registry.add("sampler", "shuffled", "srde_plugins.data.shuffled:ShuffledSampler", ShuffledParams,
+                 "Epoch-wise shuffled order: a new seeded permutation of the training set (or of some domains) every epoch.")
     registry.add("sampler", "curriculum", "srde_plugins.data.curriculum:CurriculumSampler", CurriculumParams,
                  "Easy examples first (data difficulty or base-model loss): linear, exponential or competence-based (Platanios 2019).")
     registry.add("sampler", "domain_balanced", "srde_plugins.data.balanced:DomainBalancedSampler", DomainBalancedParams,
