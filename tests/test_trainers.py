@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
 
 from srde_core.errors import RecipeError
 from srde_core.recipe import load_recipe
@@ -14,9 +15,13 @@ from srde_plugins.trainers.base_pretrain import BasePretrain
 from srde_plugins.trainers.base_pretrain import base_key as _base_key
 
 
-def fake_run(recipe, experts=None):
+def fake_run(recipe, experts=None, processes=1):
+    from srde_core.dist import Dist
+
     return types.SimpleNamespace(
         recipe=recipe,
+        device=torch.device("cpu"),
+        dist=Dist(world_size=processes),
         tokenizer=types.SimpleNamespace(fingerprint="tok"),
         data=types.SimpleNamespace(fingerprint="data"),
         experts=experts,
@@ -35,6 +40,10 @@ def test_base_cache_key_changes_with_anything_that_changes_the_weights(plugins, 
     run = fake_run(recipe)
     run.data.fingerprint = "other data"
     assert _base_key(run, recipe.phases[0]) != key
+    assert _base_key(fake_run(recipe, processes=2), recipe.phases[0]) != key  # another global batch
+    for cosmetic in ("phases.base.log_every=3", "phases.base.checkpoint_every=5", "phases.base.keep_checkpoints=4"):
+        other = load_recipe(micro_recipe, plugins, [cosmetic])
+        assert _base_key(fake_run(other), other.phases[0]) == key, cosmetic
 
 
 def test_base_key_ignores_the_expert_phases(plugins, micro_recipe):

@@ -19,6 +19,10 @@ from srde_core.train.objective import Objective, supervised_step
 from srde_core.train.trainer import Trainer
 
 
+#: Phase keys that change nothing the phase trains (a base trained with other values is the same base).
+COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints")
+
+
 def base_key(run, phase) -> str:
     """The cache key of a trained base: model, tokenizer, data, data settings, phase and seed, and
     what changes the trained weights besides: the engine and its settings, the process count (the
@@ -36,7 +40,8 @@ def base_key(run, phase) -> str:
         "tokenizer": run.tokenizer.fingerprint,
         "data": run.data.fingerprint,
         "data_settings": recipe["data"],  # loss_on, seq_len, ... change what the base learns
-        "phase": recipe["phases"][phase.index],
+        # how often it logs and checkpoints does not change the weights
+        "phase": {k: v for k, v in recipe["phases"][phase.index].items() if k not in COSMETIC},
         "seed": run.recipe.base_model_seed,
     }
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:16]
