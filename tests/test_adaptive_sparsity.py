@@ -133,3 +133,51 @@ def test_adaptive_sparsity_with_a_selector_that_moves_entries_is_refused_before_
         run_recipe_in(tmp_path, micro_recipe, plugins, overrides)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_masked_entries_do_not_drift_under_adam_and_keep_their_values_for_the_ranking():
+    """A masked entry gets no gradient, but AdamW's momentum (and weight decay) would still move it;
+    the controller puts masked entries back after every step, so a masked entry keeps the value it
+    had when it was masked, and the next ranking reads that value."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from test_exactness import build_layer
+    from test_exactness_contracts import session_for
+
+    from srde_core.plugins import load_plugins
+    from srde_core.recipe import resolve_component
+    from srde_plugins.sparsity.controller import Controller
+
+    plugins = load_plugins()
+    mlp = build_layer("sparse", "random", 16, 24, 3, 2)
+    session = session_for(mlp)
+    run = SimpleNamespace(
+        experts=SimpleNamespace(banks=lambda: {0: dict(mlp.banks)}),
+        recipe=SimpleNamespace(srde=SimpleNamespace(delta=SimpleNamespace(name="sparse", params=SimpleNamespace(density=0.1)))),
+    )
+    density = resolve_component(plugins, "schedule", {"name": "constant", "value": 0.05})
+    controller = Controller(run, SimpleNamespace(density=density, prune=False, phases=[]))
+    controller.before_phase(SimpleNamespace(name="experts"))
+    phase = SimpleNamespace(steps=20)
+    generator = torch.Generator().manual_seed(3)
+    previous = None
+    checked = 0
+    for step in range(1, 7):
+        x, y = torch.randn(20, 16, generator=generator), torch.randn(20, 16, generator=generator)
+        session.backward(F.mse_loss(mlp(x), y))
+        session.step()
+        controller.after_step(phase, step, {"loss": 1.0})
+        state = {name: (bank.active.clone(), bank.values.detach().clone()) for name, bank in mlp.banks.items()}
+        if previous is not None:
+            for name, (active, values) in state.items():
+                still_masked = ~active & ~previous[name][0]
+                assert bool(still_masked.any())
+                assert torch.equal(values[still_masked], previous[name][1][still_masked]), (name, step)
+                checked += int(still_masked.sum())
+        previous = state
+    assert checked > 0
+    # the held values go with the controller's state (checkpoints): a fresh controller continues
+    restored = Controller(run, SimpleNamespace(density=density, prune=False, phases=[]))
+    restored.load_state_dict(controller.state_dict())
+    assert restored.held.keys() == controller.held.keys()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from srde_core.errors import SRDEError
 
 
@@ -29,6 +31,9 @@ class Controller:
         self.base_density = base
         self.pruned = False
         self.active_phase = False
+        # per bank (in the order of ``experts.banks()``): its parameters when its entries were last
+        # masked, and the mask; masked entries are put back to them after every optimiser step
+        self.held: dict[int, dict[str, torch.Tensor]] = {}
 
     def before_phase(self, phase) -> None:
         # phases without experts (dense base pre-training) are skipped in after_step
@@ -44,24 +49,57 @@ class Controller:
         banks = [bank for per_proj in experts.banks().values() for bank in per_proj.values()]
         try:
             if not self.pruned:
-                for bank in banks:
+                for i, bank in enumerate(banks):
+                    self.restore_masked(i, bank)
                     bank.set_active_fraction(fraction)
+                    self.hold_masked(i, bank)
             done = self.schedule.done(step, phase.steps)
             if self.settings.prune and done and not self.pruned:
                 for bank in banks:
                     bank.prune()
                 self.pruned = True
+                self.held = {}
         except NotImplementedError as err:
             raise SRDEError(f"adaptive sparsity: {err}", key="plugins.adaptive_sparsity") from None
         metrics["density"] = density
         metrics["density_in_use"] = density_in_use(banks)
 
+    @torch.no_grad()
+    def restore_masked(self, i: int, bank) -> None:
+        """Put the masked entries of ``bank`` back where they were when they were masked. They get
+        no gradient, but AdamW still moves them (momentum, weight decay); a masked entry keeps its
+        value for when a larger fraction brings it back, and the ranking sees that value."""
+        held = self.held.get(i)
+        if held is None:
+            return
+        active = held["active"]
+        for name, param in bank.named_parameters(recurse=False):
+            kept = held.get(name)
+            if kept is not None and kept.shape == param.shape:
+                mask = active.view(*active.shape, *([1] * (param.dim() - active.dim())))
+                param.copy_(torch.where(mask, param, kept))
+
+    @torch.no_grad()
+    def hold_masked(self, i: int, bank) -> None:
+        """Remember ``bank``'s per-entry parameters and mask after a new masking (nothing when every
+        entry is in use)."""
+        active = getattr(bank, "active", None)
+        if active is None or bank.active_fraction >= 1.0:
+            self.held.pop(i, None)
+            return
+        held = {"active": active.clone()}
+        for name, param in bank.named_parameters(recurse=False):
+            if param.shape[: active.dim()] == active.shape:  # one per entry (or block)
+                held[name] = param.detach().clone()
+        self.held[i] = held
+
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": self.schedule.state_dict(), "pruned": self.pruned}
+        return {"schedule": self.schedule.state_dict(), "pruned": self.pruned, "held": self.held}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
         self.pruned = state["pruned"]
+        self.held = state.get("held", {})
 
 
 def density_in_use(banks) -> float:
