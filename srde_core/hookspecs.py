@@ -61,7 +61,9 @@ def srde_register(registry: ProviderRegistrar) -> None:
 def srde_run_header(recipe: Recipe) -> list[str] | None:
     """Lines for the run header, e.g. ``"attention: sdpa (flash-attn needs CUDA)"``.
 
-    Called after the recipe is resolved, before any work. Return a list of strings or None.
+    Called after the recipe is resolved, before any work, and by the recipe check (``srde
+    validate``, and before a run's work): a pure function of the recipe, which may refuse it with a
+    RecipeError. Return a list of strings or None.
     """
 
 
@@ -69,7 +71,8 @@ def srde_run_header(recipe: Recipe) -> list[str] | None:
 def srde_model_load_kwargs(recipe: Recipe) -> dict[str, Any] | None:
     """Extra keyword arguments for loading the base model (``from_pretrained`` / ``from_config``).
 
-    Called before the base model is built. Return a dict or None; all dicts are merged, and two
+    Called before the base model is built (and by the recipe check, which builds it on the meta
+    device: a pure function of the recipe). Return a dict or None; all dicts are merged, and two
     plugins setting one key to different values is an error. Flash attention uses this to set
     ``attn_implementation``.
     """

@@ -75,6 +75,7 @@ def resumed(full):
 def expected_sequence() -> list[str]:
     sequence = [
         "srde_add_kinds", "srde_register",  # load_plugins
+        "srde_run_header", "srde_model_load_kwargs",  # the recipe check before any work (srde validate's)
         "srde_run_header", "srde_prepare_data", "srde_model_load_kwargs",
         "srde_model_init_context", "model_init_context.enter", "model_init_context.exit",
         "srde_before_phase",
@@ -101,12 +102,13 @@ def test_start_up_hooks_get_this_plugins_registrar(full):
 
 def test_run_set_up_hooks_see_the_recipe_the_data_and_no_model_yet(full):
     recorder, run, _ = full
-    assert recorder.of("srde_run_header") == [{"recipe": "recorded", "tag": TAG}]
+    # twice: the recipe check before any work, then the header (a pure function of the recipe)
+    assert recorder.of("srde_run_header") == [{"recipe": "recorded", "tag": TAG}] * 2
     assert f"recorder: tag {TAG}" in run.console.file.getvalue()
     (data,) = recorder.of("srde_prepare_data")
     assert data == {"train": 6 * 40, "eval": 6 * 6, "domains": sorted(data["domains"]), "model_is_none": True}
     assert len(data["domains"]) == 6
-    assert recorder.of("srde_model_load_kwargs") == [{"recipe": "recorded"}]
+    assert recorder.of("srde_model_load_kwargs") == [{"recipe": "recorded"}] * 2
     assert recorder.of("srde_model_init_context") == [{"model_is_none": True, "data_loaded": True}]
     assert recorder.of("model_init_context.enter") == [{"model_is_none": True}]
 
