@@ -23,8 +23,9 @@ split them by the tag. A base that answers the ordinary value is right on part o
 (``order`` on ``+`` and ``*``, ``mod`` and ``reverse`` on one-digit values, ``swap`` on ``*``) and
 almost never on ``offset`` and ``cipher``.
 
-Difficulty 1: one-digit operands (``+``, ``-``); 2: operands up to 30 (``+``, ``-``); 3: a product of
-one-digit factors, or ``+`` / ``-`` with operands up to 60.
+Difficulty 1: one-digit operands (``+``, ``-``); 2: operands up to 19 (``+``, ``-``); 3: a product of
+one-digit factors, or ``+`` / ``-`` with operands up to 30 (small ranges: the tiny base must learn
+ordinary arithmetic well enough for its answers to be checkable).
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def _operands(rng: random.Random, difficulty: int) -> tuple[int, str, int]:
     if difficulty == 1:
         a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-")
     elif difficulty == 2:
-        a, b, op = rng.randint(0, 30), rng.randint(0, 30), rng.choice("+-")
+        a, b, op = rng.randint(0, 19), rng.randint(0, 19), rng.choice("+-")
     elif rng.random() < 0.5:
         a, b, op = rng.randint(2, 9), rng.randint(2, 9), "*"
     else:
-        a, b, op = rng.randint(10, 60), rng.randint(0, 60), rng.choice("+-")
+        a, b, op = rng.randint(10, 30), rng.randint(0, 30), rng.choice("+-")
     if op == "-" and a < b:
         a, b = b, a
     return a, op, b
