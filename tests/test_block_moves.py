@@ -116,14 +116,14 @@ def test_gumbel_topk_on_blocks_hardens_to_whole_chosen_blocks():
     assert_matches(mlp, x, rtol=1e-5, atol=1e-5)
 
 
-def test_spiel_on_blocks_grows_the_block_of_largest_gradient_norm_and_drops_the_stalest():
+def test_spiel_on_blocks_grows_the_block_of_largest_gradient_norm_and_drops_the_smallest():
     out, inp = 8, 8  # a 4 x 4 grid of 2x2 blocks; 4 blocks per expert, one moves per update
     bank = make_bank({"name": "spiel", "every": 1, "fraction": 0.25, "grow": "dense"}, out, inp, density=0.25, block=BLOCK)
     start = bank.selection_positions().clone()
     assert start.shape == (EXPERTS, 4)
     free = sorted(set(range(16)) - set(start[0].tolist()))
     targets = [free[0], free[5], free[11]]  # one block per expert where its gradient is made large
-    stale = [1, 3, 0]  # the slot whose block hardly changed
+    stale = [1, 3, 0]  # the slot whose block is smallest (|phi|, the block's norm: SpIEL's drop rule)
     with torch.no_grad():
         bank.values.copy_(1.0 + torch.rand(bank.values.shape, generator=torch.Generator().manual_seed(1)))
         for e, slot in enumerate(stale):
@@ -150,7 +150,6 @@ def test_spiel_on_blocks_grows_the_block_of_largest_gradient_norm_and_drops_the_
         assert moved[e].tolist() == sorted(kept + [targets[e]])
         grown = moved[e] == targets[e]
         assert bool((bank.values[e, grown] == 0).all()) and bool((bank.values[e, ~grown].abs() >= 1).all())
-    assert torch.equal(bank.selector.last_values, bank.effective_values().detach())
     randomise(bank, 3)
     assert_bank_exact(bank)
 

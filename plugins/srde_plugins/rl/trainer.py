@@ -205,7 +205,7 @@ class GRPO(Trainer):
         (not the prompt's, not padding), mean over layers; the utilisation term of its reward, so
         that answers of one group that route differently get different rewards."""
         at = batch["positions"] + 1  # each answer token's own position
-        return torch.stack([answer_imbalance(r.experts, r.num_experts, at, batch["valid"]) for r in routings]).mean(0)
+        return torch.stack([answer_imbalance(r.routed, r.num_experts, at, batch["valid"]) for r in routings]).mean(0)
 
     @staticmethod
     def pack(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
