@@ -12,7 +12,6 @@ import types
 
 import pytest
 import torch
-from torch import nn
 
 from srde_testkit import make_router
 
@@ -61,16 +60,7 @@ COMBOS = _combos()
 COMBO_IDS = [f"{d}-{s}" if s else d for d, s in COMBOS]
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act_fn = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+from srde_core.testing import GatedMLP  # noqa: E402  (the kit's: what an SRDE layer wraps)
 
 
 def build_layer(
