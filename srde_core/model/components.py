@@ -15,7 +15,10 @@ params and returns an object with the methods below.
 
 Structure that changes during training goes through the bank: :meth:`DeltaBank.set_positions`
 moves entries (and reports how parameters were remapped, so optimiser state follows them) and
-:meth:`DeltaBank.set_active_fraction` masks or prunes entries (adaptive sparsity).
+:meth:`DeltaBank.set_active_fraction` masks or prunes entries (adaptive sparsity). What a bank
+holds is read through the bank too: :meth:`DeltaBank.density`, :meth:`DeltaBank.active_entries` and
+:meth:`DeltaBank.active_mask` (adaptive sparsity), :meth:`DeltaBank.activation_bytes` and
+:meth:`DeltaBank.transient_bytes` (``srde plan``).
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ class Selector(nn.Module, ABC):
 
     def bind(self, bank: DeltaBank) -> None:
         """Called once by the bank that keeps this selector (e.g. to register torch hooks on it)."""
+
+    def transient_bytes(self, bank: DeltaBank) -> int:
+        """Bytes this selector allocates at its peak step beyond its parameters and buffers (a
+        gradient it accumulates for growth), for ``srde plan``; 0 by default."""
+        return 0
 
     def entry_scale(self, bank: DeltaBank) -> torch.Tensor | None:
         """``[E, n]``: a (differentiable) multiplier of the bank's selected positions
@@ -242,6 +250,38 @@ class DeltaBank(nn.Module, ABC):
         on the selector's grid, ``[E, n_grid]``: ``|dense|`` flattened by default; a bank that
         selects blocks gives each block's Frobenius norm."""
         return dense.abs().reshape(dense.shape[0], -1)
+
+    # -- what the bank holds: read by plugins that act on every bank (adaptive sparsity, srde plan) --
+
+    def density(self) -> float | None:
+        """The fraction of the weight's ``out * in`` entries each expert may change, as built (its
+        entries, or its blocks' entries, per expert over ``out * in``; pruning does not change it).
+        None for deltas without entries (dense, low-rank, scaling): nothing to count or thin."""
+        return None
+
+    def active_entries(self) -> int | None:
+        """The weight entries in use now, summed over the experts (fewer than built after
+        :meth:`set_active_fraction` or :meth:`prune`); None for deltas without entries."""
+        return None
+
+    def active_mask(self) -> torch.Tensor | None:
+        """``[E, P]`` bool: which of the bank's entries (or blocks) are in use, aligned with the
+        leading dimensions of its per-entry parameters; None when every entry is in use. Whoever
+        masks entries (adaptive sparsity) keeps the masked ones from drifting with it."""
+        return None
+
+    def activation_bytes(self, tokens: int, top_k: int, cache: dict[str, Any]) -> int:
+        """Bytes this bank's forward keeps for the backward beyond the layer's own activations, for
+        ``tokens`` tokens routed to ``top_k`` experts each (``srde plan``, on a bank built on the
+        meta device). ``cache`` is shared by the projections that take the same input, as
+        :attr:`BankCall.cache` is: what a sibling already keeps is counted once. Default 0."""
+        return 0
+
+    def transient_bytes(self) -> int:
+        """Bytes the bank and its selectors allocate at their peak step beyond parameters and
+        buffers (e.g. a selector's dense gradient for growth): by default the sum of
+        :meth:`Selector.transient_bytes` over :meth:`selectors`."""
+        return sum(selector.transient_bytes(self) for selector in self.selectors())
 
     @property
     def active_fraction(self) -> float:

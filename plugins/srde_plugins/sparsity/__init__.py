@@ -4,10 +4,12 @@
     enabled = true
     density = { name = "adaptive", start = 0.05, end = 0.01, steps = 300, patience = 10 }
 
-The banks are built at the recipe's delta density (which must be at least the schedule's start,
-e.g. ``srde.delta.density = 0.05``) and, after every optimiser step of a phase that trains experts,
-use the fraction ``density(t) / srde.delta.density`` of their entries: the entries of largest
-``importance * |value|`` (``DeltaBank.set_active_fraction``). With ``prune = true`` the banks drop the
+Any delta whose banks have a density works (``DeltaBank.density()``: the built-in ``sparse``, or a
+third-party sparse delta). The banks are built at their density (which must be at least the
+schedule's start, e.g. ``srde.delta.density = 0.05``) and, after every optimiser step of a phase
+that trains experts, each uses the fraction ``density(t) / bank.density()`` of its entries: the
+entries of largest ``importance * |value|`` (``DeltaBank.set_active_fraction``); the masked ones
+(``DeltaBank.active_mask``) keep their values, and ``density_in_use`` counts ``active_entries``. With ``prune = true`` the banks drop the
 inactive entries for good once the schedule reaches its end, so the kernels do less work from then on
 (optimiser state follows the entries that stay). The schedule's state is checkpointed: resume is exact.
 """
@@ -62,7 +64,10 @@ def srde_run_header(recipe):
 
 def check_schedule(recipe, settings) -> None:
     """The banks are built at ``srde.delta.density`` and can only keep fewer entries: a schedule
-    that starts or ends above it would log a density the experts never have."""
+    that starts or ends above it would log a density the experts never have. Checked from the
+    recipe, before any bank is built, for a delta whose params name a ``density`` (a delta without
+    one is held to the banks' own ``density()`` only when they keep entries: a fraction above 1 is
+    capped)."""
     built = getattr(recipe.srde.delta.params, "density", None)
     params = settings.density.params
     for key in ("start", "end", "value"):

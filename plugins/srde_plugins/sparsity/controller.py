@@ -22,13 +22,6 @@ class Controller:
         self.run = run
         self.settings = settings
         self.schedule = settings.density.build()
-        base = getattr(run.recipe.srde.delta.params, "density", None)
-        if base is None:
-            raise SRDEError(
-                f"adaptive sparsity needs a delta type with a density; '{run.recipe.srde.delta.name}' has none",
-                key="plugins.adaptive_sparsity",
-            )
-        self.base_density = base
         self.pruned = False
         self.active_phase = False
         # per bank (in the order of ``experts.banks()``): its parameters when its entries were last
@@ -43,15 +36,21 @@ class Controller:
         experts = self.run.experts
         if not self.active_phase or experts is None:
             return
+        banks = [bank for per_proj in experts.banks().values() for bank in per_proj.values()]
+        built = [bank.density() for bank in banks]
+        if any(d is None for d in built):
+            raise SRDEError(
+                f"adaptive sparsity needs a delta whose banks have a density (DeltaBank.density); "
+                f"'{self.run.recipe.srde.delta.name}' has none", key="plugins.adaptive_sparsity",
+            )
         self.schedule.observe(step, metrics)
         density = self.schedule.value(step, phase.steps)
-        fraction = min(1.0, max(density / self.base_density, 1e-6))
-        banks = [bank for per_proj in experts.banks().values() for bank in per_proj.values()]
         try:
             if not self.pruned:
-                for i, bank in enumerate(banks):
+                for i, (bank, base) in enumerate(zip(banks, built)):
                     self.restore_masked(i, bank)
-                    bank.set_active_fraction(fraction)
+                    # each bank keeps the share of its entries as built that makes the scheduled density
+                    bank.set_active_fraction(min(1.0, max(density / base, 1e-6)))
                     self.hold_masked(i, bank)
             done = self.schedule.done(step, phase.steps)
             if self.settings.prune and done and not self.pruned:
@@ -83,8 +82,8 @@ class Controller:
     def hold_masked(self, i: int, bank) -> None:
         """Remember ``bank``'s per-entry parameters and mask after a new masking (nothing when every
         entry is in use)."""
-        active = getattr(bank, "active", None)
-        if active is None or bank.active_fraction >= 1.0:
+        active = bank.active_mask()
+        if active is None:
             self.held.pop(i, None)
             return
         held = {"active": active.clone()}
@@ -103,6 +102,7 @@ class Controller:
 
 
 def density_in_use(banks) -> float:
-    """Entries in use over weight entries, over every bank (each bank's experts counted once)."""
-    used = sum(b.entry_positions().shape[1] * b.active_fraction for b in banks)
+    """Entries in use over weight entries, over every bank (each bank's experts counted once:
+    the mean of its experts' entries in use)."""
+    used = sum(b.active_entries() / b.num_experts for b in banks)
     return used / max(1, sum(b.out_features * b.in_features for b in banks))

@@ -46,9 +46,12 @@ class SparseDeltaBank(DeltaBank):
         cache_inputs: bool = True,
         selector: Selector | None = None,
         importance: str = "entry",
+        built_count: int | None = None,
     ):
         super().__init__()
         positions = _checked_positions(positions, out_features * in_features)
+        #: entries per expert as built (a learned selector may start with more candidates)
+        self.built_count = int(built_count if built_count is not None else positions.shape[1])
         self.num_experts = positions.shape[0]
         self.out_features = out_features
         self.in_features = in_features
@@ -100,6 +103,24 @@ class SparseDeltaBank(DeltaBank):
 
     def entry_positions(self) -> torch.Tensor:
         return self.positions
+
+    def density(self) -> float:
+        return self.built_count / (self.out_features * self.in_features)
+
+    def active_entries(self) -> int:
+        return int(self.active.sum()) if self._masked else self.num_experts * self.count
+
+    def active_mask(self) -> torch.Tensor | None:
+        return self.active if self._masked else None
+
+    def activation_bytes(self, tokens: int, top_k: int, cache: dict) -> int:
+        """Each expert's gathered fp32 input, kept for the backward (``cache_inputs``), once for the
+        projections that share it (gate_proj, up_proj)."""
+        key = ("sparse-delta-gathered", self.in_features)
+        if not self.cache_inputs or key in cache:
+            return 0
+        cache[key] = True
+        return 4 * top_k * tokens * self.in_features
 
     def gram(self) -> torch.Tensor:
         """``<dW_a, dW_b>`` over the positions the experts share, without dense deltas: every expert's
@@ -293,4 +314,5 @@ class SparseDelta(DeltaType):
             cache_inputs=self.params.cache_inputs,
             selector=selector,
             importance=self.params.importance,
+            built_count=position_count(self.params.density, out_features, in_features),
         )

@@ -314,6 +314,7 @@ class BlockSparseDeltaBank(DeltaBank):
         init_importance: float = 0.0,
         selector: Selector | None = None,
         importance: str = "entry",
+        built_count: int | None = None,
     ):
         super().__init__()
         bh, bw = block
@@ -326,6 +327,8 @@ class BlockSparseDeltaBank(DeltaBank):
         if blocks.dim() != 2 or blocks.shape[0] not in (1, num_experts) or blocks.shape[1] < 1:
             raise ValueError(f"blocks must be [{num_experts} or 1, count], got {tuple(blocks.shape)}")
         blocks = self._checked(blocks)
+        #: blocks per expert as built (a learned selector may start with more candidates)
+        self.built_count = int(built_count if built_count is not None else blocks.shape[1])
         self.register_buffer("blocks", stored_rows(blocks).contiguous())
         shape = (num_experts, blocks.shape[1], bh, bw)
         self.register_buffer("active", torch.ones(shape[:2], dtype=torch.bool, device=blocks.device))
@@ -425,6 +428,20 @@ class BlockSparseDeltaBank(DeltaBank):
     def active_fraction(self) -> float:
         return float(self.active.float().mean()) if self._masked else 1.0
 
+    def density(self) -> float:
+        return self.built_count * self.block[0] * self.block[1] / (self.out_features * self.in_features)
+
+    def active_entries(self) -> int:
+        blocks = int(self.active.sum()) if self._masked else self.num_experts * self.count
+        return blocks * self.block[0] * self.block[1]
+
+    def active_mask(self) -> torch.Tensor | None:
+        return self.active if self._masked else None
+
+    def activation_bytes(self, tokens: int, top_k: int, cache: dict) -> int:
+        """Each expert's gathered fp32 input slabs, ``[blocks, tokens, bw]``, kept for the backward."""
+        return 4 * top_k * tokens * self.count * self.block[1]
+
     @torch.no_grad()
     def set_active_fraction(self, fraction: float) -> None:
         """Keep, per expert, the ``round(fraction * nb)`` blocks of largest
@@ -515,5 +532,5 @@ def make_block_bank(params, selector: Selector, weight: torch.Tensor, num_expert
     return BlockSparseDeltaBank(
         out_features, in_features, blocks.to(weight.device), block,
         num_experts=num_experts, init_importance=params.init_importance, selector=selector,
-        importance=params.importance,
+        importance=params.importance, built_count=position_count(params.density, *grid_shape),
     )
