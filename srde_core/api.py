@@ -36,14 +36,31 @@ def run(
     from srde_core.recipe import load_recipe
     from srde_core.run import execute
 
-    if resume and fresh:
-        from srde_core.errors import SRDEError
+    from srde_core.errors import UsageError
 
-        raise SRDEError("--resume and --fresh exclude each other")
+    if resume and fresh:
+        raise UsageError("--resume and --fresh exclude each other")
     plugins = plugins if plugins is not None else load_plugins()
-    loaded = load_recipe(recipe, plugins, list(overrides))
+    loaded = load_recipe(recipe, plugins, _overrides(overrides))
     finished = execute(loaded, plugins, console if console is not None else _quiet_console(), resume=resume, fresh=fresh)
     return finished.run_dir
+
+
+def _overrides(overrides: Any) -> list[str]:
+    """``overrides`` as a list of ``KEY=VALUE`` strings; anything else (a string, whose letters would
+    be taken one by one, a dict, ...) is refused naming the argument."""
+    from srde_core.errors import UsageError
+
+    items = None
+    if not isinstance(overrides, (str, bytes, Mapping)):
+        try:
+            items = list(overrides)
+        except TypeError:
+            pass
+    if items is None or not all(isinstance(item, str) for item in items):
+        raise UsageError(f"overrides: expected a list of 'KEY=VALUE' strings (as --set takes), got "
+                         f"{type(overrides).__name__} {overrides!r:.60}")
+    return items
 
 
 def load(run_dir: str | Path, *, device: str | None = None) -> tuple[Any, Any]:

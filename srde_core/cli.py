@@ -174,8 +174,8 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     if args.gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
-    if args.gpu_memory <= 0:
-        raise UsageError(f"--gpu-memory must be positive, got {args.gpu_memory}")
+    if not 0 < args.gpu_memory < float("inf"):  # also refuses nan
+        raise UsageError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
     recipe, _ = _load(args)
     from srde_core.plan import plan_memory, print_plan
 

@@ -602,14 +602,33 @@ def test_a_read_only_output_dir(workdir, tmp_path, monkeypatch, capsys):
         (["run", "r.toml", "--resume", "--fresh"], "--resume and --fresh exclude each other"),
         (["generate", "x", "--prompt", "p", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         (["eval", "x", "--max-examples", "0"], "--max-examples must be at least 1, got 0"),
+        *[(["plan", "r.toml", "--gpu-memory", value], f"--gpu-memory must be a positive number of GiB, got {shown}")
+          for value, shown in (("nan", "nan"), ("inf", "inf"), ("0", "0.0"), ("-1", "-1.0"))],
+        # refused before the run or any task data is read (no download)
+        (["lm-eval", "x", "--tasks", ","], "--tasks names no task"),
+        (["lm-eval", "x", "--tasks", "srde_corpus_ll", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["lm-eval", "x", "--tasks", "srde_corpus_ll", "--include-path", "/nonexistent"],
+         "--include-path /nonexistent: no such directory"),
     ],
     ids=["no-command", "unknown-command", "missing-recipe", "not-an-int", "unknown-option", "resume-and-fresh",
-         "zero-new-tokens", "zero-examples"],
+         "zero-new-tokens", "zero-examples", "gpu-memory-nan", "gpu-memory-inf", "gpu-memory-0", "gpu-memory-negative",
+         "lm-eval-no-task", "lm-eval-batch-size-0", "lm-eval-missing-include-path"],
 )
 def test_command_line_mistakes_are_one_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
     line = one_error_line(capsys)
     assert message in line, line
+
+
+def test_api_overrides_that_are_not_a_list_of_assignments_are_refused_naming_them(workdir):
+    import srde
+
+    for overrides in ("name=x", {"name": "x"}, ["name=x", 3]):
+        with pytest.raises(SRDEError) as refused:
+            srde.run(workdir / "rel.toml", overrides)
+        assert refused.value.exit_code == 2
+        assert refused.value.line().startswith("overrides: expected a list of 'KEY=VALUE' strings (as --set takes)")
+    assert not (workdir / "runs" / "x").exists()
 
 
 def test_help_is_unchanged_and_exits_0(capsys):
