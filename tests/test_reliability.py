@@ -359,6 +359,21 @@ def test_the_nonfinite_policy_is_a_checked_phase_key(workdir, capsys):
     assert "phases[1].on_nonfinite: input should be 'stop' or 'skip'" in line
 
 
+def test_the_difficulty_loss_without_a_dynamic_delta_is_refused_at_validate(workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    loss = 'phases.experts.losses=["lm", { name = "difficulty", weight = 0.1 }]'
+    for command in ("validate", "run"):
+        assert srde(command, str(workdir / "rel.toml"), "--set", loss) == 2
+        line = one_error_line(capsys)
+        assert line == (f"srde: error: {workdir / 'rel.toml'}: phases[1].losses: loss 'difficulty' trains the "
+                        "difficulty heads of a dynamic_sparse delta, but srde.delta is 'sparse' (it would log 0.0 "
+                        'every step); use srde.delta = { name = "dynamic_sparse", ... } or drop the loss')
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    dynamic = 'srde.delta={ name = "dynamic_sparse", min_density = 0.02, max_density = 0.05 }'
+    assert srde("validate", str(workdir / "rel.toml"), "--set", loss, "--set", dynamic) == 0
+    capsys.readouterr()
+
+
 def test_on_nonfinite_skip_skips_the_update_and_counts_it(finished, cwd, capsys):
     code = srde("run", "rel.toml", "--set", "name=nan-skip", "--set", "phases.experts.steps=3",
                 "--set", 'phases.experts.on_nonfinite="skip"',

@@ -61,6 +61,25 @@ class DifficultyLossParams(Params):
 
 
 @hookimpl
+def srde_run_header(recipe):
+    """The ``difficulty`` loss trains the difficulty heads of ``dynamic_sparse`` banks: with any other
+    delta it has nothing to train and would log 0.0 every step, so such a recipe is refused."""
+    if any(choice.kind == "delta" and choice.name == "dynamic_sparse" for choice in recipe.srde.delta.nested()):
+        return None
+    for index, phase in enumerate(recipe.phases):
+        if any(loss.name == "difficulty" for loss in phase.losses):
+            from srde_core.errors import RecipeError
+
+            raise RecipeError(
+                f"loss 'difficulty' trains the difficulty heads of a dynamic_sparse delta, but srde.delta is "
+                f"'{recipe.srde.delta.name}' (it would log 0.0 every step); use "
+                'srde.delta = { name = "dynamic_sparse", ... } or drop the loss',
+                source=str(recipe.path), key=f"phases[{index}].losses",
+            )
+    return None
+
+
+@hookimpl
 def srde_register(registry):
     here = "srde_plugins.dynamic"
     registry.add(
