@@ -7,6 +7,11 @@ its components satisfy, from ``srde_add_kinds``; the core declares its own kinds
 modules stay free of torch), a typed argument schema (:class:`~srde_core.params.Params`) and a
 one-line summary. Two providers of one name, or of one kind, is an error that names both. After
 start-up everything is frozen.
+
+Components hand their results back through their contract, never by writing into the run or into
+each other: a trainer returns its metrics, and the base it trained as a
+:class:`~srde_core.train.trainer.PhaseResult` (the run sets ``run.base``); a delta bank says what it
+holds through :class:`~srde_core.model.components.DeltaBank` (``density()``, ``activation_bytes``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from srde_core.dist import SINGLE, Dist
 from srde_core.errors import SRDEError
 from srde_core.plugins import PluginSet
 from srde_core.recipe.resolve import Recipe
+from srde_core.train.trainer import BaseInfo, PhaseResult  # noqa: F401  (BaseInfo: part of this module's API)
 
 T = TypeVar("T")
 
@@ -258,15 +259,6 @@ def pick_device(choice: str, dist: Dist = SINGLE):
     return torch.device(choice)
 
 
-@dataclass
-class BaseInfo:
-    """The base weights a run's experts train on: an id (checked when an adapter loads) and, for a
-    base trained by the run itself, the file holding its weights."""
-
-    id: str
-    weights: str | None = None
-
-
 @dataclass(eq=False)
 class RunContext:
     """Everything a trainer or hook needs about the run in progress (compared by identity)."""
@@ -370,8 +362,10 @@ def _execute(recipe: Recipe, plugins: PluginSet, console, *, resume: bool, fresh
     for phase in recipe.phases:
         trainer = trainers[phase.index]
         run.hook.srde_before_phase(phase=phase, run=run)
-        result = trainer.run(run, phase) or {}
-        run.hook.srde_after_phase(phase=phase, run=run, metrics=result)
+        outcome = PhaseResult.of(trainer.run(run, phase))
+        if outcome.base is not None:  # the phase trained or replaced the base weights
+            run.base = outcome.base
+        run.hook.srde_after_phase(phase=phase, run=run, metrics=outcome.metrics)
     if dist.is_main:
         write_json_atomic(run_dir / BASE_FILE, {"id": run.base.id, "weights": run.base.weights,
                                                 "adapter": run.experts is not None})

@@ -10,6 +10,7 @@ import torch
 from srde_core.errors import RecipeError
 from srde_core.recipe import load_recipe
 from srde_core.run import BaseInfo
+from srde_core.train.trainer import PhaseResult, Trainer
 from srde_plugins.trainers import BasePretrainParams
 from srde_plugins.trainers.base_pretrain import BasePretrain
 from srde_plugins.trainers.base_pretrain import base_key as _base_key
@@ -85,3 +86,83 @@ def test_runs_of_other_seeds_train_their_experts_on_the_one_cached_base(tmp_path
     b = load_file(tmp_path / "runs" / "s1" / "adapter.safetensors")
     values = [k for k in a if k.endswith("values")]
     assert values and any(not (a[k] == b[k]).all() for k in values)  # the seeds still differ
+
+
+def test_base_pretrain_returns_the_base_it_loaded_and_leaves_the_runs_base_alone(tmp_path, plugins, micro_recipe):
+    """The trainer contract: a trainer returns the base it trained (``PhaseResult.base``); the core
+    sets ``run.base`` (here frozen: a write would fail)."""
+    from dataclasses import FrozenInstanceError, dataclass
+
+    from safetensors.torch import save_file
+
+    @dataclass(frozen=True)
+    class FrozenBase:
+        id: str
+        weights: str | None = None
+
+    recipe = load_recipe(micro_recipe, plugins, [f'cache_dir="{(tmp_path / "cache").as_posix()}"'])
+    run = fake_run(recipe)
+    run.base, run.model, run.log = FrozenBase("default"), torch.nn.Linear(3, 2), lambda message: None
+    key = _base_key(run, recipe.phases[0])
+    cached = tmp_path / "cache" / "base" / key / "model.safetensors"
+    cached.parent.mkdir(parents=True)
+    saved = {name: torch.randn_like(t) for name, t in run.model.state_dict().items()}
+    save_file(saved, cached)
+    result = BasePretrain(BasePretrainParams()).run(run, recipe.phases[0])
+    assert isinstance(result, PhaseResult) and run.base == FrozenBase("default")
+    assert result.base.id == f"{recipe.model.architecture}:pretrained-{key}"
+    assert result.base.weights == str(cached.resolve())
+    assert torch.equal(run.model.weight, saved["weight"])  # the cached base was loaded
+    with pytest.raises(FrozenInstanceError):  # what the old trainer did
+        run.base.id = "x"
+
+
+class Rebase(Trainer):
+    """Replaces the run's base: returns it (``PhaseResult.base``)."""
+
+    def __init__(self, params):
+        pass
+
+    def run(self, run, phase):
+        return PhaseResult({"rebased": 1.0}, BaseInfo(f"{run.base.id}+rebased", None))
+
+
+class Nothing(Trainer):
+    """Returns nothing: the base stays as it is."""
+
+    def __init__(self, params):
+        pass
+
+    def run(self, run, phase):
+        return None
+
+
+def _trainer_kit():
+    from srde_core.hookspecs import hookimpl
+    from srde_core.plugins import load_plugins
+
+    @hookimpl
+    def srde_register(registry):
+        registry.add("trainer", "rebase", Rebase, summary="Replaces the run's base id.")
+        registry.add("trainer", "nothing", Nothing, summary="Does nothing.")
+
+    kit = load_plugins(extra=[("trainer-kit", types.SimpleNamespace(srde_register=srde_register))])
+    assert not kit.broken, kit.broken_note()
+    return kit
+
+
+@pytest.mark.parametrize("trainer", ["rebase", "nothing"])
+def test_the_run_takes_the_base_a_trainer_returns_and_keeps_it_when_none(tmp_path, micro_recipe, trainer):
+    import json
+
+    from conftest import run_recipe_in
+
+    from srde_core.run import default_base_id
+
+    kit = _trainer_kit()
+    run = run_recipe_in(tmp_path, micro_recipe, kit, [f'phases.base.trainer="{trainer}"', "phases.experts.steps=1"])
+    default = default_base_id(run.recipe)
+    expected = f"{default}+rebased" if trainer == "rebase" else default
+    assert run.base.id == expected
+    recorded = json.loads((tmp_path / "runs" / "micro" / "base.json").read_text())
+    assert recorded["id"] == expected and recorded["weights"] is None

@@ -15,7 +15,7 @@ import torch
 from srde_core.errors import SRDEError
 from srde_core.train.driver import TrainingTarget, drive
 from srde_core.train.objective import Objective, supervised_step
-from srde_core.train.trainer import Trainer
+from srde_core.train.trainer import PhaseResult, Trainer
 from srde_plugins.baselines.peft_lora import PeftLora
 
 
@@ -47,5 +47,5 @@ class FullFineTune(Trainer):
         result = drive(run, phase, target, supervised_step(Objective(run, phase, model)))
         for p in tuned.values():
             p.requires_grad_(False)
-        PeftLora._save_base(run, "full-ft", "tuned projections saved as the base")
-        return dict(result or {}, trainable_parameters=count)
+        base = PeftLora._save_base(run, "full-ft", "tuned projections saved as the base")
+        return PhaseResult(dict(result or {}, trainable_parameters=count), base)

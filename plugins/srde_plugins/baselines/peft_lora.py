@@ -19,7 +19,7 @@ from srde_core.errors import SRDEError
 from srde_core.train.checkpoints import save_tensors
 from srde_core.train.driver import TrainingTarget, drive
 from srde_core.train.objective import Objective, supervised_step
-from srde_core.train.trainer import Trainer
+from srde_core.train.trainer import BaseInfo, PhaseResult, Trainer
 
 
 def lora_parameter_count(model: torch.nn.Module, projections: list[str], rank: int) -> int:
@@ -81,11 +81,11 @@ class PeftLora(Trainer):
         result = drive(run, phase, target, supervised_step(Objective(run, phase, model)))
         result = dict(result or {}, lora_rank=rank, trainable_parameters=count)
         _merge_and_unload(model, LoraLayer)
-        self._save_base(run)
-        return result
+        return PhaseResult(result, self._save_base(run))
 
     @staticmethod
-    def _save_base(run, suffix: str = "peft-lora", what: str = "LoRA merged into the base") -> None:
+    def _save_base(run, suffix: str = "peft-lora", what: str = "LoRA merged into the base") -> BaseInfo:
+        """Save the run's model as its base; return that base (the run's base id, ``+suffix``)."""
         final = run.run_dir / "base" / "model.safetensors"
         if run.dist.is_main:
             tmp = final.parent.with_name(f".tmp-base-{os.getpid()}")
@@ -95,9 +95,8 @@ class PeftLora(Trainer):
             shutil.rmtree(final.parent, ignore_errors=True)
             os.replace(tmp, final.parent)
         run.dist.barrier()
-        run.base.weights = str(final.resolve())
-        run.base.id = f"{run.base.id}+{suffix}"
         run.log(f"{what}: {final.parent}")
+        return BaseInfo(f"{run.base.id}+{suffix}", str(final.resolve()))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from srde_core.run import resumed_on_the_same_data, seed_everything
 from srde_core.train.checkpoints import save_tensors
 from srde_core.train.driver import TrainingTarget, drive
 from srde_core.train.objective import Objective, supervised_step
-from srde_core.train.trainer import Trainer
+from srde_core.train.trainer import BaseInfo, PhaseResult, Trainer
 
 
 #: Phase keys that change nothing the phase trains (a base trained with other values is the same base).
@@ -53,27 +53,26 @@ class BasePretrain(Trainer):
     def __init__(self, params):
         self.params = params
 
-    def run(self, run, phase):
+    def run(self, run, phase) -> PhaseResult:
         result = self._train_or_load(run, phase)
         if run.recipe.base_seed not in (None, run.recipe.seed):
             # the phases after the base draw from the run's own seed, whether the base was cached or trained
             seed_everything(run.recipe.seed)
         return result
 
-    def _train_or_load(self, run, phase):
+    def _train_or_load(self, run, phase) -> PhaseResult:
         if run.experts is not None:
             raise RecipeError(
                 "base_pretrain must come before the phases that train experts",
                 source=str(run.recipe.path), key=f"phases[{phase.index}].trainer",
             )
         key = base_key(run, phase)
-        run.base.id = f"{run.recipe.model.architecture}:pretrained-{key}"
+        base_id = f"{run.recipe.model.architecture}:pretrained-{key}"
         cached = Path(run.recipe.cache_dir) / "base" / key / "model.safetensors"
         if self.params.cache and cached.is_file():
             run.model.load_state_dict(load_file(cached, device=str(run.device)))
-            run.base.weights = str(cached.resolve())
             run.log(f"{phase.name}: base loaded from cache {cached.parent}")
-            return {}
+            return PhaseResult({}, BaseInfo(base_id, str(cached.resolve())))
         model = run.model
         for p in model.parameters():
             p.requires_grad_(True)
@@ -105,6 +104,5 @@ class BasePretrain(Trainer):
                 shutil.rmtree(final.parent, ignore_errors=True)
                 os.replace(tmp, final.parent)
         run.dist.barrier()
-        run.base.weights = str(final.resolve())
         run.log(f"{phase.name}: base saved to {final.parent}")
-        return result
+        return PhaseResult(dict(result or {}), BaseInfo(base_id, str(final.resolve())))
