@@ -374,6 +374,35 @@ def test_the_difficulty_loss_without_a_dynamic_delta_is_refused_at_validate(work
     capsys.readouterr()
 
 
+ADAPTIVE = '{{ name = "adaptive", start = {start}, end = {end}, steps = 2, metric = "{metric}" }}'
+EXPERT_METRICS = "grad_norm, lm, load_balance, loss, lr, router_entropy, router_max_load, tokens_per_s"
+
+
+@pytest.mark.parametrize(
+    ("sets", "key", "where"),
+    [
+        (['phases.experts.losses=["lm", {{ name = "load_balance", weight = {schedule} }}]'],
+         "phases[1].losses[1].weight.metric", "phase 'experts' does not log"),
+        (["plugins.adaptive_sparsity.enabled=true", "plugins.adaptive_sparsity.density={schedule}"],
+         "plugins.adaptive_sparsity.density.metric", "no phase of plugins.adaptive_sparsity logs"),
+    ],
+    ids=["loss-weight", "plugin-settings"],
+)
+def test_an_adaptive_schedule_following_an_unknown_metric_is_refused_at_validate(workdir, capsys, sets, key, where):
+    def validate(metric: str) -> int:
+        schedule = ADAPTIVE.format(start=0.05, end=0.02, metric=metric)
+        args = [a for s in sets for a in ("--set", s.format(schedule=schedule))]
+        return srde("validate", str(workdir / "rel.toml"), *args)
+
+    assert validate("lm_loss") == 2
+    line = one_error_line(capsys)
+    assert line == (f"srde: error: {workdir / 'rel.toml'}: {key}: adaptive schedule follows metric 'lm_loss', which "
+                    f"{where}; the steps log: {EXPERT_METRICS}")
+    for metric in ("loss", "load_balance", "router_entropy"):  # what the steps log is accepted
+        assert validate(metric) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
 def test_on_nonfinite_skip_skips_the_update_and_counts_it(finished, cwd, capsys):
     code = srde("run", "rel.toml", "--set", "name=nan-skip", "--set", "phases.experts.steps=3",
                 "--set", 'phases.experts.on_nonfinite="skip"',

@@ -58,6 +58,8 @@ class GRPO(Trainer):
     """Group-relative policy optimisation of the SRDE parameters."""
 
     uses_values = False
+    #: what a step logs beyond loss, grad_norm and lr (an adaptive schedule may follow one)
+    step_metrics = ("reward", "accuracy", "kl", "kl_coef", "clip_fraction", "ratio_drift", "answer_imbalance")
 
     def __init__(self, params):
         self.params = params

@@ -70,6 +70,14 @@ class AdaptiveParams(Params):
 
 
 @hookimpl
+def srde_run_header(recipe):
+    from srde_plugins.schedules.adaptive import check_metrics
+
+    check_metrics(recipe)  # an adaptive schedule's metric is one its phases log
+    return None
+
+
+@hookimpl
 def srde_register(registry):
     lr, scalar = "srde_plugins.schedules.lr", "srde_plugins.schedules.scalar"
     registry.add("scheduler", "constant", f"{lr}:constant", WarmupParams,

@@ -62,3 +62,60 @@ class AdaptiveRamp(Schedule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress, self.rate = state["progress"], state["rate"]
         self.ema, self.reference, self.since = state["ema"], state["reference"], state["since"]
+
+
+#: What the step of every trainer logs, and the router statistics of phases that route.
+COMMON_METRICS = ("loss", "grad_norm", "lr", "tokens_per_s")
+ROUTER_METRICS = ("router_entropy", "router_max_load")
+
+
+def phase_metrics(phase) -> set[str]:
+    """The step metrics a phase logs: every trainer's, one per loss, the router's, and those its
+    trainer declares (a ``step_metrics`` attribute of the trainer's factory)."""
+    from srde_core.registry import resolve_object
+
+    declared: tuple[str, ...] = ()
+    component = phase.trainer.component
+    if component is not None:
+        try:
+            declared = tuple(getattr(resolve_object(component.factory), "step_metrics", ()))
+        except (ImportError, AttributeError):  # an unimportable trainer is named by the component check
+            pass
+    return {*COMMON_METRICS, *ROUTER_METRICS, *(loss.name for loss in phase.losses), *declared}
+
+
+def _adaptive(choice) -> list:
+    return [c for c in choice.nested() if c.kind == "schedule" and c.name == "adaptive"] if choice is not None else []
+
+
+def check_metrics(recipe) -> None:
+    """An ``adaptive`` schedule follows one step metric: one that no step of its phases logs would
+    leave it at ``start`` for the whole run, so the recipe is refused naming the key and the metrics
+    that exist. Loss weights are checked against their phase; plugin settings against every phase
+    (or the phases the settings name)."""
+    from srde_core.errors import RecipeError
+
+    def refuse(key: str, metric: str, where: str, known: set[str]) -> None:
+        raise RecipeError(f"adaptive schedule follows metric '{metric}', which {where}; the steps log: "
+                          f"{', '.join(sorted(known))}", source=str(recipe.path), key=key)
+
+    for index, phase in enumerate(recipe.phases):
+        for position, loss in enumerate(phase.losses):
+            weight = loss.weight if hasattr(loss.weight, "nested") else None
+            for schedule in _adaptive(weight):
+                known = phase_metrics(phase)
+                if schedule.params.metric not in known:
+                    refuse(f"phases[{index}].losses[{position}].weight.metric", schedule.params.metric,
+                           f"phase '{phase.name}' does not log", known)
+    for name, settings in recipe.plugin_settings.items():
+        if getattr(settings, "enabled", True) is False:
+            continue
+        chosen = getattr(settings, "phases", None) or [p.name for p in recipe.phases]
+        phases = [p for p in recipe.phases if p.name in chosen] or list(recipe.phases)
+        for field in type(settings).model_fields:
+            value = getattr(settings, field)
+            for schedule in _adaptive(value if hasattr(value, "nested") else None):
+                known = set().union(*(phase_metrics(p) for p in phases))
+                if schedule.params.metric not in known:
+                    refuse(f"plugins.{name}.{field}.metric", schedule.params.metric,
+                           f"no phase of plugins.{name} logs", known)
