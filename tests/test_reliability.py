@@ -374,6 +374,19 @@ def test_the_difficulty_loss_without_a_dynamic_delta_is_refused_at_validate(work
     capsys.readouterr()
 
 
+def test_a_vocab_size_below_the_tokenizers_is_refused_at_validate(workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "run"):
+        assert srde(command, str(workdir / "rel.toml"), "--set", "model.config.vocab_size=1000") == 2
+        line = one_error_line(capsys)
+        assert line == (f"srde: error: {workdir / 'rel.toml'}: model.config.vocab_size: 1000 is smaller than the "
+                        "tokenizer's vocabulary (32768 ids): ids from 1000 on have no embedding; leave it out (the "
+                        "tokenizer's size is used) or set it to at least 32768")
+    assert list(tmp_path.iterdir()) == []
+    assert srde("validate", str(workdir / "rel.toml"), "--set", "model.config.vocab_size=32768") == 0
+    capsys.readouterr()
+
+
 ADAPTIVE = '{{ name = "adaptive", start = {start}, end = {end}, steps = 2, metric = "{metric}" }}'
 EXPERT_METRICS = "grad_norm, lm, load_balance, loss, lr, router_entropy, router_max_load, tokens_per_s"
 

@@ -124,6 +124,9 @@ def _construct(run, cls, spec, dtype, kwargs):
             config = cls.config_class(**{**defaults, **spec.config})
         except (TypeError, ValueError) as err:
             raise SRDEError(f"invalid model config: {err}", source=str(run.recipe.path), key="model.config") from None
+        from srde_core.recipe.check import check_vocab_size
+
+        check_vocab_size(int(config.vocab_size), tokenizer.vocab_size, str(run.recipe.path))
         torch.manual_seed(run.recipe.base_model_seed)
         return cls._from_config(config, dtype=dtype, **kwargs)
 

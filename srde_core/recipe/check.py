@@ -15,6 +15,7 @@ Every problem is one :class:`RecipeError` line (exit status 2) naming the recipe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from srde_core.errors import RecipeError, SRDEError, one_line
@@ -82,6 +83,7 @@ def _check_model(recipe: Any, plugins: Any, source: str) -> None:
         if negative:
             raise RecipeError(f"{negative[0]} must not be negative (got {sizes[negative[0]]})", source=source,
                               key="model.config")
+    _check_vocabulary(recipe, source)
     attention = spec.attn_implementation
     for extra in plugins.hook.srde_model_load_kwargs(recipe=recipe):
         attention = (extra or {}).get("attn_implementation", attention)
@@ -96,3 +98,31 @@ def _check_model(recipe: Any, plugins: Any, source: str) -> None:
         if not experts.layers:
             raise RecipeError(f"layout '{recipe.srde.layout.name}' puts no expert on any of the model's "
                               f"{config.num_hidden_layers} layers", source=source, key="srde.layout")
+
+
+def _check_vocabulary(recipe: Any, source: str) -> None:
+    """A ``model.config.vocab_size`` below the tokenizer's vocabulary: ids past the embedding would
+    fail in the first forward. Decided where the tokenizer is on this machine (a file, a shipped
+    one, a local directory); a hub tokenizer is left to the run."""
+    vocab = recipe.model.config.get("vocab_size")
+    params = recipe.tokenizer
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or params.from_model:
+        return
+    if params.kind == "hf":
+        name = Path(params.name_or_path or "").expanduser()
+        if not (name.is_absolute() and name.is_dir()) and not (recipe.base_for("tokenizer.name_or_path") / name).is_dir():
+            return
+    from srde_core.data.loading import recipe_tokenizer
+
+    try:
+        tokenizer = recipe_tokenizer(recipe)
+    except SRDEError:  # a tokenizer that does not load is the run's to name
+        return
+    check_vocab_size(vocab, tokenizer.vocab_size, source)
+
+
+def check_vocab_size(vocab: int, tokenizer_vocab: int, source: str) -> None:
+    if vocab < tokenizer_vocab:
+        raise RecipeError(f"{vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab} ids): ids from "
+                          f"{vocab} on have no embedding; leave it out (the tokenizer's size is used) or set it to at "
+                          f"least {tokenizer_vocab}", source=source, key="model.config.vocab_size")
