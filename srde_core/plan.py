@@ -11,16 +11,18 @@ follows from those and the phase's sizes:
   params: the RL trainers' frozen KL reference);
 - activations: what autograd saves per token and decoder layer, from the first layer with
   experts on (layers before it need no gradient), for a micro-batch of ``batch_size x seq_len``
-  tokens (see :func:`layer_activation_bytes`); with gradient checkpointing, each layer's input;
+  tokens (see :func:`layer_activation_bytes`), plus what each layer's delta banks keep (asked of
+  the banks: :meth:`DeltaBank.activation_bytes`); with gradient checkpointing, each layer's input;
+- selectors' buffers: what the banks and their selectors allocate at their peak step
+  (:meth:`DeltaBank.transient_bytes`, e.g. a dense gradient a selector accumulates for growth);
 - backward peak: on top of those, the larger of the LM loss's backward (the fp32 log-softmax and
   gradients of one chunk of labelled positions: ``chunk_tokens`` of the ``lm`` loss, every
   position labelled at most) and one layer's backward (recomputed first when checkpointed).
 
-The engine's table decides what is sharded over ``gpus``: ``zero_stage`` 1 shards the optimiser
-state, 2 also the gradients, 3 also the parameters (then a gathered layer is added back);
-``offload_optimizer`` / ``offload_params`` move them to CPU memory; from stage 2 on, DeepSpeed's
-gradient reduce bucket is added. An engine without
-``zero_stage`` (torch, ddp) keeps a full replica on every GPU.
+The engine decides what is sharded over ``gpus``, kept in CPU memory or added (its
+:meth:`Engine.memory`, an :class:`EngineMemory`: shards, offloading, a master copy, buckets, the
+layers it gathers, and the name the rows quote for its scheme); by default every GPU keeps a full
+replica.
 """
 
 from __future__ import annotations
@@ -151,14 +153,14 @@ def meta_model(recipe: Any, config: Any):
     return model, attach_recipe_experts(model, recipe)
 
 
-def layer_activation_bytes(config: Any, act_bytes: int, top_k: int, expert_projections: int) -> int:
-    """Bytes autograd keeps per token for one decoder layer with experts (Llama-style block).
+def layer_activation_bytes(config: Any, act_bytes: int) -> int:
+    """Bytes autograd keeps per token for one decoder layer (Llama-style block), its experts aside
+    (the banks say theirs: :func:`bank_activation_bytes`).
 
     Elements per token: the two RMSNorms keep their fp32 input (``2 H``, 4 bytes); attention keeps
     the normed input, q, k, v and its output (``H + 2 q + 2 kv``, q = heads * head_dim, kv =
     kv_heads * head_dim); the gated MLP keeps its input, gate, activation, up and their product
-    (``H + 4 I``); the sparse experts keep each routed copy of their inputs in fp32
-    (``top_k (H + I)``, the gate/up input shared, when they take the down projection's too).
+    (``H + 4 I``).
     """
     from srde_core.model.architectures import text_config
 
@@ -167,9 +169,20 @@ def layer_activation_bytes(config: Any, act_bytes: int, top_k: int, expert_proje
     head_dim = int(getattr(text, "head_dim", None) or hidden // text.num_attention_heads)
     q = int(text.num_attention_heads) * head_dim
     kv = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
-    saved = 4 * 2 * hidden + act_bytes * (hidden + 2 * q + 2 * kv) + act_bytes * (hidden + 4 * inter)
-    experts = 4 * top_k * (hidden + (inter if expert_projections == 3 else 0))
-    return saved + experts
+    return 4 * 2 * hidden + act_bytes * (hidden + 2 * q + 2 * kv) + act_bytes * (hidden + 4 * inter)
+
+
+def bank_activation_bytes(experts: Any, tokens: int) -> list[int]:
+    """Per layer with experts: the bytes its delta banks keep for ``tokens`` tokens
+    (:meth:`DeltaBank.activation_bytes`), gate_proj and up_proj sharing what they share (one cache
+    for the projections of the layer's input, another for down_proj's), as in the layer's forward."""
+    banks = experts.banks()
+    per_layer = []
+    for plan in experts.plans:
+        caches: dict[bool, dict] = {False: {}, True: {}}
+        per_layer.append(sum(bank.activation_bytes(tokens, plan.top_k, caches[name == "down_proj"])
+                             for name, bank in banks[plan.bank].items()))
+    return per_layer
 
 
 #: CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers per GPU, beside the tensors (measured
@@ -245,7 +258,7 @@ def _weight_rows(counts: _Counts, layout: Any) -> list[PlanRow]:
     kept = 0 if layout.params_offloaded else 1
     rows = [
         PlanRow(f"frozen params ({_dtype_name(d)})", kept * b // shards,
-                f"{b / GiB:.2f} GiB in all" + (f", / {shards} (ZeRO-3)" if shards > 1 else ""))
+                f"{b / GiB:.2f} GiB in all" + (f", / {shards}{_scheme(layout)}" if shards > 1 else ""))
         for d, b in sorted(counts.frozen_by_dtype.items(), key=lambda kv: -kv[1])
     ]
     rows += [
@@ -254,7 +267,8 @@ def _weight_rows(counts: _Counts, layout: Any) -> list[PlanRow]:
     ]
     if shards > 1 and kept:
         rows.append(PlanRow("gathered layers", layout.gathered_layers * counts.largest_layer,
-                            f"ZeRO-3: {layout.gathered_layers} decoder layers whole at once (in use, prefetched)"))
+                            f"{layout.scheme + ': ' if layout.scheme else ''}{layout.gathered_layers} decoder layers "
+                            "whole at once (in use, prefetched)"))
     return rows
 
 
@@ -262,7 +276,7 @@ def _phase_rows(recipe: Any, phase: Any, config: Any, experts: Any, counts: _Cou
     numel, optimizer_kept = counts.trainable_numel, 0 if layout.optimizer_offloaded else 1
     rows = _weight_rows(counts, layout)
     rows.append(PlanRow("gradients", counts.trainable_bytes // layout.grad_shards,
-                        f"/ {layout.grad_shards} (ZeRO)" if layout.grad_shards > 1 else "one per trainable"))
+                        f"/ {layout.grad_shards}{_scheme(layout)}" if layout.grad_shards > 1 else "one per trainable"))
     if layout.gradient_copies:
         rows.append(PlanRow("gradient buckets", layout.gradient_copies * counts.trainable_bytes,
                             "the data-parallel engine's communication buckets"))
@@ -270,15 +284,19 @@ def _phase_rows(recipe: Any, phase: Any, config: Any, experts: Any, counts: _Cou
                         "AdamW, 2 x fp32" + (f", / {layout.optimizer_shards}" if layout.optimizer_shards > 1 else "")))
     if layout.master_copy:
         rows.append(PlanRow("master copy", optimizer_kept * 4 * numel // layout.optimizer_shards,
-                            "fp32 flat partitions of the trainable parameters (ZeRO)"))
+                            layout.master_detail or "an fp32 copy of the trainable parameters"))
     copies = getattr(phase.trainer.params, "trainable_copies", 0)  # e.g. an RL trainer's frozen reference
     if copies:
         rows.append(PlanRow("trainer's copies", copies * counts.trainable_bytes // layout.param_shards,
                             f"{copies} x the trainable parameters, frozen (an RL phase's KL reference)"))
     rows += _activation_rows(recipe, phase, config, experts)
+    transient = sum(bank.transient_bytes() for per_proj in experts.banks().values() for bank in per_proj.values())
+    if transient:
+        rows.append(PlanRow("selectors' buffers", transient,
+                            "what the banks' selectors allocate at their peak step (a dense gradient for growth)"))
     if layout.bucket_elements:
         rows.append(PlanRow("gradient bucket", min(layout.bucket_elements, max(numel, layout.bucket_floor)) * 4,
-                            "ZeRO: fp32 reduce bucket (DeepSpeed's default 5e8 elements)"))
+                            layout.bucket_detail or "a flat fp32 reduce bucket"))
     return rows
 
 
@@ -305,8 +323,9 @@ def _activation_rows(recipe: Any, phase: Any, config: Any, experts: Any) -> list
     plans = experts.plans
     first = min(p.layer for p in plans)
     layers = experts.stack.num_layers - first  # every layer from the first one with experts keeps activations
-    top_k = max(p.top_k for p in plans)
-    per_layer = layer_activation_bytes(config, act_bytes, top_k, len(experts.projections)) * tokens
+    base_layer = layer_activation_bytes(config, act_bytes) * tokens
+    banks = bank_activation_bytes(experts, tokens)
+    per_layer = base_layer + max(banks)  # the largest layer
     labelled = phase.batch_size * (recipe.data.seq_len - 1)
     lm_chunk = min(_chunk_tokens(phase) or labelled, labelled)
     # a chunk's fp32 logits, their log-softmax and gradient (the half-precision logits of autocast
@@ -317,11 +336,16 @@ def _activation_rows(recipe: Any, phase: Any, config: Any, experts: Any) -> list
         how = f"input of {layers} checkpointed layers"
         backward = max(logits, 2 * per_layer)  # a layer recomputed, and its backward
     else:
-        activations = layers * per_layer
+        activations = layers * base_layer + sum(banks)
         how = f"{layers} layers x {tokens} tokens"
         backward = max(logits, per_layer)
     what = f"max(LM loss: fp32 logits of {lm_chunk} positions x {vocab} vocab, one layer's backward)"
     return [PlanRow("activations", activations, how), PlanRow("backward peak", backward, what)]
+
+
+def _scheme(layout: Any) -> str:
+    """`` (ZeRO-2)``: the engine's name for its sharding, as the rows quote it."""
+    return f" ({layout.scheme})" if layout.scheme else ""
 
 
 def _phase(recipe: Any, name: str | None) -> Any:

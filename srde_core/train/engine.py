@@ -114,6 +114,9 @@ class EngineMemory:
         trainable count, but at least ``bucket_floor``).
     :ivar gathered_layers: decoder layers held whole at once while parameters are sharded.
     :ivar notes: what the plan should say about the layout.
+    :ivar scheme: the name the plan's rows give the sharding (``"ZeRO-2"``), or "".
+    :ivar master_detail: what the plan says of the master copy.
+    :ivar bucket_detail: what the plan says of the reduce bucket.
     """
 
     param_shards: int = 1
@@ -127,6 +130,9 @@ class EngineMemory:
     bucket_floor: int = 0
     gathered_layers: int = 0
     notes: tuple[str, ...] = ()
+    scheme: str = ""
+    master_detail: str = ""
+    bucket_detail: str = ""
 
 
 class EngineSession(ABC):

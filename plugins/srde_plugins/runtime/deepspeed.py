@@ -432,4 +432,6 @@ class DeepSpeedEngine(Engine):
         return EngineMemory(
             param_shards=gpus if stage == 3 else 1, grad_shards=gpus, optimizer_shards=gpus,
             params_offloaded=params.offload_params, optimizer_offloaded=params.offload_optimizer, master_copy=True,
-            bucket_elements=ZERO_REDUCE_BUCKET, bucket_floor=1 << 20, gathered_layers=2 if stage == 3 else 0, notes=tuple(notes))
+            bucket_elements=ZERO_REDUCE_BUCKET, bucket_floor=1 << 20, gathered_layers=2 if stage == 3 else 0, notes=tuple(notes),
+            scheme=f"ZeRO-{stage}", master_detail="fp32 flat partitions of the trainable parameters (ZeRO)",
+            bucket_detail="ZeRO: fp32 reduce bucket (DeepSpeed's default 5e8 elements)")

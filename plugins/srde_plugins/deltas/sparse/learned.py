@@ -226,6 +226,13 @@ class SpIEL(Selector):
                 self._draw_pool(bank, window=0)
         bank.register_forward_hook(self._measure)
 
+    def transient_bytes(self, bank: DeltaBank) -> int:
+        """The dense ``[E, out, in]`` gradient (fp32) of one step: an update step's with ``grow =
+        "dense"``, a window's first step's with ``pool = "gradient"``; none with a uniform pool."""
+        if self.grow == "candidates" and self.pool_choice == "uniform":
+            return 0
+        return 4 * bank.num_experts * bank.out_features * bank.in_features
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "last_values", None)  # kept by states saved when drops ranked the change
         if self.grow == "candidates" and prefix + "pool" in state_dict:
