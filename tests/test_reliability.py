@@ -513,6 +513,22 @@ def test_an_empty_parquet_file_is_exactly_one_line(tmp_path, monkeypatch, capfd)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("sampler", ["shuffled", "domain_balanced"])
+def test_a_list_typed_parquet_column_is_one_line_naming_the_file_and_column(tmp_path, monkeypatch, capsys, sampler):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    items = rows(24)
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in items], "answer": [r["answer"] for r in items],
+                             "domain": [[r["domain"]] for r in items]}), tmp_path / "train.parquet")
+    recipe = data_recipe(tmp_path, "parquet", "train.parquet")
+    assert srde("run", str(recipe), "--set", f'phases.experts.sampler="{sampler}"') == 2
+    assert one_error_line(capsys) == (f"srde: error: {tmp_path / 'train.parquet'}: column 'domain' is not a string "
+                                      "(list<element: string>)")  # the data's, not a sampler plugin's failure
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_recipe_with_non_utf8_bytes_is_one_line(tmp_path, capsys):
     (tmp_path / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
     assert srde("validate", str(tmp_path / "latin1.toml")) == 2

@@ -232,7 +232,27 @@ def _validate_parquet(path: Path, columns: ColumnsParams) -> ColumnMap:
         raise DataError(f"not a Parquet file ({first_line(err)})", source=str(path)) from err
     if metadata.num_rows == 0:
         raise DataError("no rows", source=str(path))
-    return map_columns(columns, metadata.schema.to_arrow_schema().names, str(path))
+    schema = metadata.schema.to_arrow_schema()
+    return _check_types(map_columns(columns, schema.names, str(path)), schema, str(path))
+
+
+def _check_types(cmap: ColumnMap, schema, name: str) -> ColumnMap:
+    """The mapped columns of a typed table (Parquet, an HF dataset) hold what their roles take:
+    text fields strings or numbers, ``difficulty`` integers or strings; a list or struct column
+    is refused for the whole file, as a JSON file's first such value is."""
+    import pyarrow as pa
+
+    for role in ("prompt", "answer", "text", "domain", "difficulty"):
+        column = getattr(cmap, role)
+        if column is None:
+            continue
+        kind = schema.field(column).type
+        text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+        number = pa.types.is_integer(kind) or (role != "difficulty" and pa.types.is_floating(kind))
+        if not (text or number or pa.types.is_dictionary(kind)):
+            wanted = "an integer" if role == "difficulty" else "a string"
+            raise DataError(f"column '{column}' is not {wanted} ({kind})", source=name)
+    return cmap
 
 
 _VALIDATORS = {"json": _validate_json, "csv": _validate_csv, "parquet": _validate_parquet}
@@ -270,7 +290,7 @@ def hf_source(name: str, split: str, base_dir: Path, hf_cache: Path, key: str) -
     def validate(columns: ColumnsParams) -> ColumnMap:
         if len(dataset) == 0:
             raise DataError("no rows", source=shown)
-        return map_columns(columns, list(dataset.column_names), shown)
+        return _check_types(map_columns(columns, list(dataset.column_names), shown), dataset.data.schema, shown)
 
     return Source(name=shown, identity=f"hf:{name}:{split}:{dataset._fingerprint}", load=lambda cmap: dataset,
                   validate=validate)
