@@ -177,9 +177,24 @@ def check_writable(recipe: Recipe) -> None:
             problem = "is a file" if existing == path else f"is under '{existing}', which is a file"
         elif not os.access(existing, os.W_OK | os.X_OK):
             problem = "is not writable" if existing == path else f"cannot be created: '{existing}' is not writable"
+        elif (refused := _refuses_files(existing)) is not None:  # root passes os.access on /proc, a read-only mount
+            problem = (f"is not writable ({refused})" if existing == path
+                       else f"cannot be created: '{existing}' takes no new files ({refused})")
         else:
             continue
         raise SRDEError(f"'{path}' {problem}", source=str(recipe.path), key=key)
+
+
+def _refuses_files(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (a temporary one is tried, and is gone after)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
 
 
 class RunLock:

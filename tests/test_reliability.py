@@ -652,6 +652,15 @@ def test_an_output_dir_under_a_file_or_a_cache_dir_that_is_a_file(workdir, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # checked before anything was created
 
 
+@pytest.mark.parametrize("key", ["cache_dir", "output_dir"])
+def test_a_directory_that_takes_no_files_even_for_root_is_one_line(workdir, tmp_path, monkeypatch, capsys, key):
+    monkeypatch.chdir(tmp_path)  # /proc passes os.access for root, but no file can be created in it
+    assert srde("run", str(workdir / "rel.toml"), "--set", f'{key}="/proc/srde"') == 1
+    assert one_error_line(capsys) == (f"srde: error: {workdir / 'rel.toml'}: {key}: '/proc/srde' cannot be created: "
+                                      "'/proc' takes no new files (No such file or directory)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories: there is nothing to refuse")
 def test_a_read_only_output_dir(workdir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
