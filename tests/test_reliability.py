@@ -471,6 +471,38 @@ def test_eval_from_elsewhere_reads_the_runs_data_and_refuses_changed_data(finish
     assert (finished / "eval.json").read_text() == written
 
 
+# -- a damaged tokenised-data cache ---------------------------------------------------------------
+
+
+def damage_cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damaged", "damage", "command"),
+    [
+        ("meta.json", damage_cut, "run"),
+        ("train/data-00000-of-00001.arrow", damage_cut, "eval"),
+        ("eval/state.json", lambda path: path.write_text("garbage"), "eval"),
+    ],
+    ids=["meta-cut-run", "arrow-cut-eval", "state-garbage-eval"],
+)
+def test_a_damaged_tokenised_cache_is_tokenised_again(finished, cwd, capsys, damaged, damage, command):
+    key = json.loads((finished / "recipe.json").read_text())["data_fingerprint"]
+    entry = cwd / ".cache" / "srde" / "tokenized" / key
+    damage(entry / damaged)
+    args = ("run", "rel.toml", "--set", "name=recached") if command == "run" else ("eval", str(finished))
+    assert srde(*args) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and not captured.err.strip(), captured.err
+    out = "".join(captured.out.split())  # the console wraps (and folds) long lines
+    assert "(tokenisedagain:thecache" in out and f"/tokenized/{key}wasdamaged," in out
+    assert sorted(p.name for p in entry.parent.iterdir() if key in p.name) == [key]  # nothing of it left aside
+    assert srde("eval", str(finished)) == 0  # and the entry written again is read as it is
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(cached)" in out and "tokenised again" not in out
+
+
 # -- 5, 11, 12. malformed data files ---------------------------------------------------------------
 
 

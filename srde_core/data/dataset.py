@@ -55,6 +55,8 @@ class DataBundle:
     fingerprint: str = ""
     cache_hit: bool = False
     cache_path: Path | None = None
+    #: why the cached tokenisation under this key could not be read (it was tokenised again)
+    cache_damaged: str | None = None
 
 
 @dataclass(frozen=True)
@@ -275,8 +277,12 @@ def load_data(
         train_sources, eval_sources, columns = _sources(params, cache_dir, base_dir)
         key = _cache_key(train_sources, eval_sources, columns, tokenizer, params.seq_len)
         target = cache_dir / "tokenized" / key
+        damaged = None
         if (target / _META).is_file():
-            return _read_cache(target, tokenizer, hit=True)
+            try:
+                return _read_cache(target, tokenizer, hit=True)
+            except Exception as err:  # noqa: BLE001 - a damaged cache (cut, garbage) is a cache: tokenise again
+                damaged = _discard(target, err)
 
         tagged = [("train", s) for s in train_sources] + [("eval", s) for s in eval_sources]
         maps = [source.validate(columns) for _, source in tagged]
@@ -310,4 +316,19 @@ def load_data(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return _read_cache(target, tokenizer, hit=False)
+        bundle = _read_cache(target, tokenizer, hit=False)
+        bundle.cache_damaged = damaged
+        return bundle
+
+
+def _discard(target: Path, err: Exception) -> str:
+    """Move a damaged cache entry out of the way (atomically, then delete it); its one-line reason."""
+    from srde_core.data.sources import first_line
+
+    aside = target.parent / f".{target.name}.{uuid.uuid4().hex}.damaged"
+    try:
+        os.rename(target, aside)
+    except OSError:  # another process moved it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+    return f"{type(err).__name__}: {first_line(err)}"

@@ -23,6 +23,8 @@ def load_run_data(run):
     tokenizer = recipe_tokenizer(recipe)
     bundle = load_data(data_with_paths(recipe), tokenizer, recipe.cache_dir, base_dir=recipe.base_for("data.hf_name"))
     state = "cached" if bundle.cache_hit else "tokenised"
+    if bundle.cache_damaged:
+        state = f"tokenised again: the cache {bundle.cache_path} was damaged, {bundle.cache_damaged}"
     eval_rows = len(bundle.eval) if bundle.eval is not None else 0
     run.log(
         f"data: {len(bundle.train)} train / {eval_rows} eval examples, domains {', '.join(bundle.domains)} "
