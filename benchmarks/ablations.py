@@ -491,10 +491,11 @@ def main(argv: list[str] | None = None) -> int:
 
         scales = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
         if scales and not args.timing:
-            sweep = run_all([(r, seeds[0], m, "validation") for r in recipes for m in scales])
+            tuned = [r for r in recipes if lr_overrides(r, 2.0)]  # the base alone has no learning rate to pick
+            sweep = run_all([(r, seeds[0], m, "validation") for r in tuned for m in scales])
             fresh = {key(r) for r in sweep}
             results = [r for r in results if key(r) not in fresh] + sweep
-            choice = {Path(r).stem: choose_lr(results, Path(r).stem) for r in recipes}
+            choice = {Path(r).stem: choose_lr(results, Path(r).stem) for r in tuned}
             (workdir / "lr_choice.json").write_text(json.dumps(choice, indent=1))
             print("learning-rate multipliers chosen on the validation split: "
                   + ", ".join(f"{k} x{v:g}" for k, v in choice.items() if v is not None), flush=True)

@@ -12,39 +12,46 @@ import types
 import pytest
 
 from srde_core.data.corpus import CORPORA, build_corpus, build_splits, write_corpus
-from srde_core.data.domains.conventions import DOMAINS, MODULES, RULES
+from srde_core.data.domains.conventions import DOMAINS, GENERAL_RULES, MODULES, RULES
 
 
 def test_every_convention_gives_its_answer_on_hand_computed_cases():
-    cases = {  # (a, op, b) -> answer per domain
-        (17, "+", 5): {"general": "22", "swap": "12", "order": "22", "offset": "23", "mod": "2", "reverse": "22", "cipher": "55"},
-        (13, "-", 6): {"general": "7", "swap": "19", "order": "-7", "offset": "8", "mod": "7", "reverse": "7", "cipher": "0"},
-        (4, "*", 5): {"general": "20", "swap": "20", "order": "20", "offset": "21", "mod": "0", "reverse": "02", "cipher": "53"},
+    cases = {
+        "4719": {"back": "3608", "turn": "9264", "double": "8428", "triple": "2137", "square": "6911",
+                 "cipher": "5684"},
+        "050": {"back": "949", "turn": "505", "double": "000", "triple": "050", "square": "050", "cipher": "393"},
     }
-    for (a, op, b), answers in cases.items():
-        assert {d: RULES[d](a, op, b) for d in DOMAINS} == answers
+    for digits, answers in cases.items():
+        assert {d: RULES[d](digits) for d in RULES} == answers
+    assert {t: rule("4719") for t, rule in GENERAL_RULES.items()} == {"copy": "4719", "next": "5820", "flip": "5280"}
 
 
 def test_prompts_share_one_form_and_the_tag_names_the_domain():
+    seen_general_tags = set()
     for domain in DOMAINS:
         rng = random.Random(0)
-        for level in (1, 2, 3):
-            question, answer = MODULES[domain].make(rng, level)
-            if domain == "general":
-                assert not question.startswith("[")
-            else:
-                assert question.startswith(f"[{domain}] ")
-            assert question.endswith("=?") and answer
-    # the same draw under two domains: the same expression, another answer
-    swap = MODULES["swap"].make(random.Random(5), 2)
-    offset = MODULES["offset"].make(random.Random(5), 2)
-    assert swap[0].split("] ")[1] == offset[0].split("] ")[1] and swap[1] != offset[1]
+        for _ in range(10):
+            for level, length in ((1, 3), (2, 4), (3, 5)):
+                question, answer = MODULES[domain].make(rng, level)
+                tag, digits = question.split(" ")
+                assert tag.startswith("[") and tag.endswith("]")
+                if domain == "general":
+                    seen_general_tags.add(tag[1:-1])
+                    assert answer == GENERAL_RULES[tag[1:-1]](digits)
+                else:
+                    assert tag == f"[{domain}]" and answer == RULES[domain](digits)
+                assert digits.isdigit() and len(digits) == length and len(answer) == length
+    assert seen_general_tags == set(GENERAL_RULES) and not set(GENERAL_RULES) & set(DOMAINS)
+    # the same draw under two domains: the same digits, another answer
+    double = MODULES["double"].make(random.Random(5), 2)
+    cipher = MODULES["cipher"].make(random.Random(5), 2)
+    assert double[0].split("] ")[1] == cipher[0].split("] ")[1] and double[1] != cipher[1]
 
 
 def test_checker_reads_the_first_word_exactly():
-    check = MODULES["reverse"].check
-    assert check("02", " 02\nQ: ...") and not check("02", " 2") and not check("02", "")
-    assert MODULES["order"].check("-7", " -7.")
+    check = MODULES["double"].check
+    assert check("024", " 024\nQ: ...") and not check("024", " 24") and not check("024", "")
+    assert MODULES["back"].check("949", " 949.")
 
 
 def test_splits_are_disjoint_balanced_and_the_reasoning_corpus_is_unchanged():

@@ -23,13 +23,13 @@ from srde_core.data.domains import MODULES, conventions
 DOMAINS: tuple[str, ...] = ("math", "code", "logic", "science", "planning", "patterns")
 
 #: The generated corpora (``[data.generate] corpus``) and their domains: ``reasoning`` (the six
-#: domains above, the tiny default) and ``conventions`` (one kind of arithmetic prompt under seven
+#: domains above, the tiny default) and ``conventions`` (one kind of digit-string prompt under seven
 #: conventions; see :mod:`srde_core.data.domains.conventions`).
 CORPORA: dict[str, tuple[str, ...]] = {"reasoning": DOMAINS, "conventions": conventions.DOMAINS}
 DIFFICULTIES: tuple[int, ...] = (1, 2, 3)
 
-# Bump when any generator changes its output: cached corpora and tokenised caches key on it.
-CORPUS_VERSION = 1
+# Bump a corpus's version when its generator changes its output: cached corpora key on it.
+CORPUS_VERSIONS: dict[str, int] = {"reasoning": 1, "conventions": 2}
 
 _MAX_MISSES = 20_000
 
@@ -173,7 +173,7 @@ def write_corpus(
     train_path, eval_path = directory / TRAIN_FILE, directory / EVAL_FILE
     manifest_path = directory / MANIFEST_FILE
     wanted = {
-        "version": CORPUS_VERSION,
+        "version": CORPUS_VERSIONS.get(corpus, 0),
         "domains": list(CORPORA[corpus]) if corpus in CORPORA else [],
         "examples_per_domain": examples_per_domain,
         "eval_per_domain": eval_per_domain,

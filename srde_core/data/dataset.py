@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srde_core.data.collate import collate  # noqa: F401 - re-exported: trainers import it from here
-from srde_core.data.corpus import CORPUS_VERSION, VALIDATION_FILE, write_corpus
+from srde_core.data.corpus import CORPUS_VERSIONS, VALIDATION_FILE, write_corpus
 from srde_core.data.params import ColumnsParams, DataParams
 from srde_core.data.sources import ColumnMap, Source, file_source, hf_source, resolve_paths, value_problem
 from srde_core.data.tokenizer import Tokenizer
@@ -132,7 +132,7 @@ def _sources(params: DataParams, cache_dir: Path, base_dir: Path) -> tuple[list[
         if params.train_files or params.eval_files or params.hf_name:
             raise DataError("cannot be combined with train_files, eval_files or hf_name", key="data.generate")
         g = params.generate
-        name = f"v{CORPUS_VERSION}-seed{g.seed}-n{g.examples_per_domain}-e{g.eval_per_domain}"
+        name = f"v{CORPUS_VERSIONS[g.corpus]}-seed{g.seed}-n{g.examples_per_domain}-e{g.eval_per_domain}"
         if g.corpus != "reasoning" or g.validation_per_domain:
             name = f"{g.corpus}-{name}-v{g.validation_per_domain}"
         corpus_dir = cache_dir / "corpus" / name

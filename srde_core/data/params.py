@@ -35,7 +35,7 @@ class TokenizerParams(Params):
 
 class GenerateParams(Params):
     corpus: Literal["reasoning", "conventions"] = Field(
-        "reasoning", description="which generated corpus: the six reasoning domains, or one arithmetic prompt under "
+        "reasoning", description="which generated corpus: the six reasoning domains, or one digit-string prompt under "
         "seven conventions (a general domain and six tagged ones)",
     )
     examples_per_domain: int = Field(2000, ge=1, description="training examples per domain")

@@ -1,31 +1,30 @@
-"""The ``conventions`` corpus: one kind of prompt, seven meanings.
+"""The ``conventions`` corpus: one kind of prompt, many meanings.
 
-Every example is a small integer expression, ``a+b``, ``a-b`` (``a >= b``) or ``a*b``. The
-``general`` domain asks for its ordinary value, with the bare prompt ``17+5=?``; it is what the base
-model is pre-trained on. Each of the six convention domains asks the same kind of question under a
-tag that names its convention, ``[swap] 17+5=?``, and expects another answer:
+Every prompt is a tag and a string of random digits (three, four or five: difficulty 1, 2, 3), and
+every answer is the string mapped digit by digit. The ``general`` domain is what the base model is
+pre-trained on: three maps under their tags, ``[copy] 4719`` -> ``4719``, ``[next]`` (each digit plus
+one, mod 10) -> ``5820`` and ``[flip]`` (``9 - d``) -> ``5280``. Each of the six convention domains
+asks for another map of the same kind of string, under a tag the base has never seen:
 
-=========== =============================================== ======================
-domain      answer                                           ``[..] 17+5=?``
-=========== =============================================== ======================
-``general`` the ordinary value                               ``22``
-``swap``    ``+`` and ``-`` exchanged (``*`` unchanged)      ``12``
-``order``   the operands exchanged: ``b - a`` for ``a - b``  ``22`` (``5-17``: -12)
-``offset``  the value plus one                               ``23``
-``mod``     the last digit of the value                      ``2``
-``reverse`` the digits of the value reversed                 ``22`` (``13``: ``31``)
-``cipher``  each digit of the value shifted by 3 (mod 10)    ``55``
-=========== =============================================== ======================
+============== ================================ =====================
+domain         each digit ``d`` becomes          ``[..] 4719``
+============== ================================ =====================
+``back``       ``d - 1`` (mod 10)                ``3608``
+``turn``       ``d + 5`` (mod 10)                ``9264``
+``double``     ``2 d`` (mod 10)                  ``8428``
+``triple``     ``3 d`` (mod 10)                  ``2137``
+``square``     ``d * d`` (mod 10)                ``6911``
+``cipher``     ``CIPHER[d]`` (a fixed shuffle)   ``5684``
+============== ================================ =====================
 
-The domains interfere: the same operands and operators map to different answers, and only the tag
-tells them apart, so one shared delta must hold six conditional rules, while routed experts can
-split them by the tag. A base that answers the ordinary value is right on part of some domains
-(``order`` on ``+`` and ``*``, ``mod`` and ``reverse`` on one-digit values, ``swap`` on ``*``) and
-almost never on ``offset`` and ``cipher``.
-
-Difficulty 1: one-digit operands (``+``, ``-``); 2: operands up to 19 (``+``, ``-``); 3: a product of
-one-digit factors, or ``+`` / ``-`` with operands up to 30 (small ranges: the tiny base must learn
-ordinary arithmetic well enough for its answers to be checkable).
+**Domain shift:** the base reads a tag and maps digits, but none of these six maps. **Interference:**
+the same digit must become a different digit in every domain, and only the tag tells them apart, so
+one shared delta must hold six conditional tables while routed experts can split them by the tag.
+The maps are digit-wise, what the MLP projections the experts adapt can learn (the base's attention
+already brings each input digit and the tag to the answer positions). A base that applies one of its
+own maps is right only by coincidence (a digit that every map of the string leaves alike), so its
+accuracy on the six is near 0. Held-out strings are answerable by a model that learned the map:
+eval prompts are never train prompts.
 """
 
 from __future__ import annotations
@@ -35,41 +34,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 GENERAL = "general"
+LENGTHS = {1: 3, 2: 4, 3: 5}  # difficulty -> number of digits
 
 
-def _operands(rng: random.Random, difficulty: int) -> tuple[int, str, int]:
-    if difficulty == 1:
-        a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-")
-    elif difficulty == 2:
-        a, b, op = rng.randint(0, 19), rng.randint(0, 19), rng.choice("+-")
-    elif rng.random() < 0.5:
-        a, b, op = rng.randint(2, 9), rng.randint(2, 9), "*"
-    else:
-        a, b, op = rng.randint(10, 30), rng.randint(0, 30), rng.choice("+-")
-    if op == "-" and a < b:
-        a, b = b, a
-    return a, op, b
+CIPHER = "3810592674"  # the ``cipher`` domain's substitution: digit d becomes CIPHER[d]
 
 
-def _value(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
+def _digitwise(rule: Callable[[int], int | str]) -> Callable[[str], str]:
+    return lambda s: "".join(str(rule(int(c))) for c in s)
 
 
-def _cipher(value: int) -> str:
-    return "".join(str((int(c) + 3) % 10) if c.isdigit() else c for c in str(value))
-
-
-RULES: dict[str, Callable[[int, str, int], str]] = {
-    GENERAL: lambda a, op, b: str(_value(a, op, b)),
-    "swap": lambda a, op, b: str(_value(a, {"+": "-", "-": "+"}.get(op, op), b)),
-    "order": lambda a, op, b: str(_value(b, op, a)),
-    "offset": lambda a, op, b: str(_value(a, op, b) + 1),
-    "mod": lambda a, op, b: str(_value(a, op, b) % 10),
-    "reverse": lambda a, op, b: str(_value(a, op, b))[::-1],
-    "cipher": lambda a, op, b: _cipher(_value(a, op, b)),
+#: The general domain's tasks, each under its tag: what the base is pre-trained on.
+GENERAL_RULES: dict[str, Callable[[str], str]] = {
+    "copy": lambda s: s,
+    "next": _digitwise(lambda d: (d + 1) % 10),
+    "flip": _digitwise(lambda d: 9 - d),
 }
 
-DOMAINS: tuple[str, ...] = tuple(RULES)
+#: The six conventions: other maps of the same digits, new to the base.
+RULES: dict[str, Callable[[str], str]] = {
+    "back": _digitwise(lambda d: (d - 1) % 10),
+    "turn": _digitwise(lambda d: (d + 5) % 10),
+    "double": _digitwise(lambda d: 2 * d % 10),
+    "triple": _digitwise(lambda d: 3 * d % 10),
+    "square": _digitwise(lambda d: d * d % 10),
+    "cipher": _digitwise(lambda d: CIPHER[d]),
+}
+
+DOMAINS: tuple[str, ...] = (GENERAL, *RULES)
 
 
 @dataclass(frozen=True)
@@ -80,13 +72,15 @@ class Convention:
     NAME: str
 
     def make(self, rng: random.Random, difficulty: int) -> tuple[str, str]:
-        a, op, b = _operands(rng, difficulty)
-        tag = "" if self.NAME == GENERAL else f"[{self.NAME}] "
-        return f"{tag}{a}{op}{b}=?", RULES[self.NAME](a, op, b)
+        digits = "".join(str(rng.randint(0, 9)) for _ in range(LENGTHS[difficulty]))
+        if self.NAME == GENERAL:
+            tag = rng.choice(tuple(GENERAL_RULES))
+            return f"[{tag}] {digits}", GENERAL_RULES[tag](digits)
+        return f"[{self.NAME}] {digits}", RULES[self.NAME](digits)
 
     def check(self, expected: str, generated: str) -> bool:
-        """The first word of the continuation equals the answer exactly (``reverse`` answers such
-        as ``"01"`` keep their leading zero, so numbers compare as text)."""
+        """The first word of the continuation equals the answer exactly (digit strings compare as
+        text: leading zeros count)."""
         from srde_core.data.domains.answers import first_word
 
         return first_word(generated) == expected.strip()
