@@ -568,6 +568,36 @@ def test_a_recipe_with_non_utf8_bytes_is_one_line(tmp_path, capsys):
     assert line.endswith("latin1.toml: not UTF-8 text (byte 11: invalid continuation byte)")
 
 
+# -- hub look-ups without the hub ------------------------------------------------------------------
+
+
+HUB_LOOKUPS = {
+    "tokenizer": (['tokenizer={ kind = "hf", name_or_path = "srde-test/no-such-tokenizer" }'],
+                  "rel.toml: tokenizer.name_or_path: cannot load 'srde-test/no-such-tokenizer'"),
+    "dataset": (['data.format="hf"', 'data.hf_name="srde-test/no-such-dataset"'],
+                "srde-test/no-such-dataset: data.hf_train_split: cannot load split 'train'"),
+}
+NO_HUB = {"offline": ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+          "no-network": ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "127.0.0.1 cannot be reached: Connection refused")}
+
+
+@pytest.mark.parametrize(("lookup", "hub"), [("tokenizer", "offline"), ("dataset", "no-network")])
+def test_a_hub_lookup_offline_or_without_a_network_is_one_line_without_retries(workdir, tmp_path, lookup, hub):
+    """HF_HUB_OFFLINE=1, or a hub that takes no connection (HF_ENDPOINT on a closed local port): the
+    local HF cache is asked alone, at once; huggingface_hub's retries (five, logged) never start."""
+    sets, where = HUB_LOOKUPS[lookup]
+    variables, why = NO_HUB[hub]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+    env.update(variables, HF_HOME=str(tmp_path / "hf"))  # an empty HF cache
+    done = subprocess.run([sys.executable, "-m", "srde_core.cli", "run", "rel.toml", "--set", f"name=hub-{lookup}",
+                           *[a for s in sets for a in ("--set", s)]], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"srde: error: {where} (not in the local HF cache, and the hub cannot be "
+                                        f"used: {why})"], done.stderr  # one line: no retry logged
+    assert not (workdir / "runs" / f"hub-{lookup}").exists()
+
+
 # -- 6. one run per directory ----------------------------------------------------------------------
 
 

@@ -265,6 +265,7 @@ def hf_source(name: str, split: str, base_dir: Path, hf_cache: Path, key: str) -
     if not local.is_absolute():
         local = base_dir / local
     shown = f"{name}[{split}]"
+    offline = None
     try:
         if (local / "dataset_dict.json").is_file():
             from datasets import load_from_disk
@@ -278,14 +279,22 @@ def hf_source(name: str, split: str, base_dir: Path, hf_cache: Path, key: str) -
 
             dataset = load_from_disk(str(local))
         else:
+            import contextlib
+
             from datasets import load_dataset
 
+            from srde_core.data.hub import datasets_offline, offline_reason
+
+            # a hub name: from the local cache alone where the hub cannot be used (no retries)
+            offline = None if local.is_dir() else offline_reason()
             target = str(local) if local.is_dir() else name
-            dataset = load_dataset(target, split=split, cache_dir=str(hf_cache))
+            with datasets_offline() if offline else contextlib.nullcontext():
+                dataset = load_dataset(target, split=split, cache_dir=str(hf_cache))
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - hub, builder and split errors all end here
-        raise DataError(f"cannot load split '{split}' ({first_line(err)})", source=name, key=key) from err
+        why = f"not in the local HF cache, and the hub cannot be used: {offline}" if offline else first_line(err)
+        raise DataError(f"cannot load split '{split}' ({why})", source=name, key=key) from err
 
     def validate(columns: ColumnsParams) -> ColumnMap:
         if len(dataset) == 0:

@@ -164,13 +164,13 @@ def _model_tokenizer_file(model: str | None, source: str | None) -> Path:
             raise DataError(f"'{local}' holds no {' or '.join(CHECKPOINT_TOKENIZER_FILES)}", source=source,
                             key="tokenizer.from_model")
         return found
-    import os
-
     from huggingface_hub import hf_hub_download
 
-    # The local HF cache first; the network only where it is not switched off (HF_HUB_OFFLINE),
-    # so an offline machine gets its one line at once instead of after retries.
-    online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+    from srde_core.data.hub import offline_reason
+
+    # The local HF cache first; the network only where it is not switched off (HF_HUB_OFFLINE) and
+    # the hub answers, so an offline machine gets its one line at once instead of after retries.
+    online = offline_reason() is None
     errors = []
     for local_only in (True, False) if online else (True,):
         for name in CHECKPOINT_TOKENIZER_FILES:
@@ -216,14 +216,20 @@ def load_tokenizer(
     local = Path(name).expanduser()
     if base is not None and not local.is_absolute() and (base / local).exists():
         local = base / local
+    offline = None
+    if not local.exists():  # a hub id: the local HF cache only where the hub cannot be used
+        from srde_core.data.hub import offline_reason
+
+        offline = offline_reason()
     try:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
+        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else name,
+                                           **({"local_files_only": True} if offline else {}))
         return HFTokenizer(hf)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad name/path
-        raise DataError(f"cannot load '{name}' ({_first_line(err)})", source=source,
-                        key="tokenizer.name_or_path") from err
+        why = f"not in the local HF cache, and the hub cannot be used: {offline}" if offline else _first_line(err)
+        raise DataError(f"cannot load '{name}' ({why})", source=source, key="tokenizer.name_or_path") from err
 
 
 def _first_line(err: BaseException) -> str:
