@@ -328,11 +328,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        line = _plugin_failure_line(args, err)
+        line = _collective_failure_line(args, err) or _plugin_failure_line(args, err)
         if line is None:
             raise  # not a plugin's: a bug of srde itself, shown in full
         print(f"srde: error: {line}", file=sys.stderr)
         return 1
+
+
+def _collective_failure_line(args, err: Exception) -> str | None:
+    """One line when a collective failed because another process of a distributed run died or hung
+    (its own output says why); the process group is left so that this process ends at once."""
+    from srde_core.dist import Dist, collective_failure
+
+    reason = collective_failure(err)
+    if reason is None:
+        return None
+    dist = Dist.from_env()
+    where = f"{args.log_dir}: " if getattr(args, "log_dir", None) is not None else ""
+    return (f"{where}process {dist.rank} of {dist.world_size}: a collective with the other processes failed "
+            f"({reason}); another process ended or hangs, its own output says why; the run continues with --resume")
 
 
 def _plugin_failure_line(args, err: Exception) -> str | None:

@@ -47,7 +47,7 @@ class Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
-            td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=collective_timeout())
 
     def all_sum(self, tensor):
         """The sum of ``tensor`` over processes (a new tensor on its device, no gradient)."""
@@ -97,3 +97,48 @@ class Dist:
 
 
 SINGLE = Dist()
+
+#: How long a collective waits for the other processes (``SRDE_COLLECTIVE_TIMEOUT_S``, seconds).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def collective_timeout():
+    """The process group's timeout: a process that hangs (stopped, deadlocked) ends the others'
+    wait after this long; one that dies ends it at once (its connections close)."""
+    import datetime
+
+    value = os.environ.get("SRDE_COLLECTIVE_TIMEOUT_S", "")
+    try:
+        seconds = float(value) if value.strip() else DEFAULT_COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        from srde_core.errors import UsageError
+
+        raise UsageError(f"environment variable SRDE_COLLECTIVE_TIMEOUT_S={value!r} is not a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+#: What the collective backends' errors say when a peer is gone (gloo raises plain RuntimeErrors).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "third_party/gloo",
+              "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """The one-line reason when ``err`` (or what caused it) is a collective of a distributed run
+    that failed because another process died or hung; ``None`` otherwise."""
+    import re
+    import sys
+
+    td = sys.modules.get("torch.distributed")
+    if td is None or not td.is_available() or not td.is_initialized():
+        return None
+    seen: BaseException | None = err
+    while seen is not None:
+        text = str(seen).strip()
+        if isinstance(seen, getattr(td, "DistError", ())) or any(marker in text for marker in _PEER_LOST):
+            first = text.splitlines()[0] if text else type(seen).__name__
+            first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's [source/file.cc:NNN] prefix
+            return first.split(". ")[0].rstrip(".")  # its first sentence
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -621,6 +621,47 @@ def test_a_live_run_directory_refuses_resume_and_fresh(finished, cwd, capsys):
     assert not (cwd / "runs" / ".rel.lock").exists()
 
 
+def test_the_survivor_of_a_killed_peer_ends_in_one_line(finished, cwd):
+    """Two processes of one ddp run (as torchrun starts them, without its agent, which would stop the
+    survivor itself); the second is SIGKILLed once training runs: the first ends in one line, exit 1,
+    its lock released. A peer that hangs instead ends the wait after SRDE_COLLECTIVE_TIMEOUT_S."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "SRDE_COLLECTIVE_TIMEOUT_S": "60"}
+    command = [sys.executable, "-m", "srde_core.cli", "run", "rel.toml", "--set", "name=peer-lost",
+               "--set", 'engine="ddp"', "--set", "phases.base.steps=100000", "--set", "phases.base.checkpoint_every=0"]
+    workers = [subprocess.Popen(command, cwd=cwd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in (0, 1)]
+    metrics = cwd / "runs" / "peer-lost" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and metrics.read_text().strip()):  # step 1 took both processes
+            assert all(w.poll() is None for w in workers), [w.communicate()[1][-2000:] for w in workers]
+            assert time.monotonic() < deadline, "no training step after 240 s"
+            time.sleep(0.05)
+        workers[1].kill()
+        workers[1].wait()
+        _, err = workers[0].communicate(timeout=120)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert workers[0].returncode == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("srde: error: runs/peer-lost: process 0 of 2: a collective with the other processes "
+                               "failed (")
+    assert lines[0].endswith("); another process ended or hangs, its own output says why; the run continues with "
+                             "--resume")
+    assert not (cwd / "runs" / ".peer-lost.lock").exists()
+
+
 # -- 7. damaged checkpoints ------------------------------------------------------------------------
 
 
