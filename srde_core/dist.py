@@ -47,7 +47,9 @@ class Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
-            td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=collective_timeout())
+            timeout = collective_timeout()
+            td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                  **({"timeout": timeout} if timeout is not None else {}))
 
     def all_sum(self, tensor):
         """The sum of ``tensor`` over processes (a new tensor on its device, no gradient)."""
@@ -98,18 +100,17 @@ class Dist:
 
 SINGLE = Dist()
 
-#: How long a collective waits for the other processes (``SRDE_COLLECTIVE_TIMEOUT_S``, seconds).
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
-
-
 def collective_timeout():
-    """The process group's timeout: a process that hangs (stopped, deadlocked) ends the others'
+    """The process group's timeout (``SRDE_COLLECTIVE_TIMEOUT_S``, seconds; unset: torch's default,
+    30 minutes on gloo, 10 on nccl): a process that hangs (stopped, deadlocked) ends the others'
     wait after this long; one that dies ends it at once (its connections close)."""
     import datetime
 
     value = os.environ.get("SRDE_COLLECTIVE_TIMEOUT_S", "")
+    if not value.strip():
+        return None
     try:
-        seconds = float(value) if value.strip() else DEFAULT_COLLECTIVE_TIMEOUT_S
+        seconds = float(value)
     except ValueError:
         seconds = float("nan")
     if not 0 < seconds < float("inf"):
