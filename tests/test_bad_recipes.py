@@ -55,6 +55,7 @@ CASES = [
     ("not-a-causal-lm", 'extends = "{micro}"\n[model]\narchitecture = "BertModel"\n', [], ["bad.toml", "model.architecture", "is not a causal language model"]),
     ("unknown-attention", 'extends = "{micro}"\n[model]\nattn_implementation = "bogus"\n', [], ["bad.toml", "model.attn_implementation", "attn_implementation=\"bogus\"` is not supported"]),
     ("negative-size", 'extends = "{micro}"\n[model.config]\nhidden_size = -64\n', [], ["bad.toml", "model.config", "hidden_size must not be negative (got -64)"]),
+    ("hf-name-without-format-hf", 'name = "x"\n[data]\nseq_len = 16\nhf_name = "some/dataset"\n[[phases]]\nname = "a"\ntrainer = "joint"\nsteps = 1\n', [], ["bad.toml", "data", "hf_name 'some/dataset' is read only with format = \"hf\""]),
     ("missing-data-source", 'name = "x"\n[data]\nseq_len = 16\n[[phases]]\nname = "a"\ntrainer = "joint"\nsteps = 1\n', [], ["bad.toml", "data", "train_files"]),
 ]
 

@@ -77,8 +77,10 @@ class DataParams(Params):
 
     @model_validator(mode="after")
     def _has_source(self) -> DataParams:
+        if self.hf_name and self.format != "hf":
+            raise ValueError(f"hf_name {self.hf_name!r} is read only with format = \"hf\" (format is {self.format!r})")
         if self.generate is None and self.format != "hf" and not self.train_files:
-            raise ValueError("set train_files, hf_name or a [data.generate] table")
+            raise ValueError("set train_files, hf_name (with format = \"hf\") or a [data.generate] table")
         if self.format == "hf" and not self.hf_name and self.generate is None:
             raise ValueError("format 'hf' needs hf_name")
         return self
