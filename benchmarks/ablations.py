@@ -174,9 +174,10 @@ def _quality(run) -> dict:
         losses = domain_losses(run.model, batches, domains, device=run.device, experts=experts,
                                after_forward=after_forward, forward=forward)
         accuracy = answer_accuracy(run.model, rows, tokenizer, domains, max_new_tokens=settings.max_new_tokens,
-                                   batch_size=settings.batch_size, device=run.device, generate=generate)
+                                   batch_size=settings.batch_size, device=run.device, generate=generate,
+                                   corpus=run.data.corpus)
     columns = rows[:]
-    row_correct = [int(is_correct(d, a, tokenizer.decode(ids)))
+    row_correct = [int(is_correct(d, a, tokenizer.decode(ids), run.data.corpus))
                    for d, a, ids in zip(columns["domain"], columns["answer"], continuations)]
     routing = summarize(counter.aggregate(), domains) if counter is not None else None
     correct = sum(a.correct for a in accuracy.values())

@@ -22,7 +22,8 @@ from srde_core.testing import assert_exact
 CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
 KINDS = {"selector": "every_nth", "delta": "dense", "layout": "last_layers", "router": "token_hash",
          "combine": "half_step", "loss": "hidden_energy", "scheduler": "step_decay", "schedule": "halving",
-         "sampler": "in_order", "trainer": "banks_only", "engine": "counting", "probe": "trainable_count"}
+         "sampler": "in_order", "corpus": "reversal", "trainer": "banks_only", "engine": "counting",
+         "probe": "trainable_count"}
 
 
 def section() -> str:
@@ -79,3 +80,13 @@ def test_a_run_uses_every_example(example, tmp_path, micro_recipe):
     assert all("hidden_energy" in m and m["hidden_energy_weight"] > 0 for m in steps)
     lrs = [m["lr"] for m in steps]
     assert lrs[2] == pytest.approx(lrs[0] * 0.5)  # step_decay, every = 2
+
+
+def test_the_example_corpus_writes_its_rows(example, tmp_path):
+    from srde_core.data.corpus import find_corpus, write_corpus
+
+    _, plugins = example
+    train, evals = write_corpus(tmp_path, 5, 3, 0, find_corpus("reversal", plugins))
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    assert len(rows) == 5 and all(r["answer"] == r["prompt"].split()[2][::-1] for r in rows)
+    assert len(evals.read_text().splitlines()) == 3

@@ -11,8 +11,9 @@ import types
 
 import pytest
 
-from srde_core.data.corpus import CORPORA, build_corpus, build_splits, write_corpus
-from srde_core.data.domains.conventions import DOMAINS, GENERAL_RULES, MODULES, RULES
+from srde_core.data.corpus import write_corpus
+from srde_plugins.data.corpora import CORPORA, build_corpus, build_splits
+from srde_plugins.data.domains.conventions import DOMAINS, GENERAL_RULES, MODULES, RULES
 
 
 def test_every_convention_gives_its_answer_on_hand_computed_cases():

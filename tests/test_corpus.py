@@ -12,9 +12,10 @@ from collections import Counter
 
 import pytest
 
-from srde_core.data import corpus
-from srde_core.data.corpus import DOMAINS, build_corpus, check, generate, write_corpus
-from srde_core.data.domains.planning import fewest_moves
+from srde_core.data.corpus import write_corpus
+from srde_plugins.data.corpora import DOMAINS, build_corpus, check, generate
+from srde_plugins.data.domains.planning import fewest_moves
+from srde_plugins.data.generator import GeneratedCorpus
 from srde_core.data.tokenizer import load_tokenizer
 from srde_core.data.params import TokenizerParams
 
@@ -33,7 +34,7 @@ def test_same_seed_gives_identical_examples_and_other_seeds_differ():
 
 
 def test_output_does_not_depend_on_the_process_hash_seed():
-    code = "import json; from srde_core.data.corpus import build_corpus; print(json.dumps(build_corpus(20, 5, 7)))"
+    code = "import json; from srde_plugins.data.corpora import build_corpus; print(json.dumps(build_corpus(20, 5, 7)))"
     outputs = [
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout
@@ -109,7 +110,7 @@ def test_write_corpus_splits_are_disjoint_balanced_and_cached(tmp_path, monkeypa
     def fail(*args, **kwargs):
         raise AssertionError("corpus regenerated although it is up to date")
 
-    monkeypatch.setattr(corpus, "build_corpus", fail)
+    monkeypatch.setattr(GeneratedCorpus, "splits", fail)
     assert write_corpus(tmp_path, 60, 12, 2) == (train_path, eval_path)
     assert train_path.stat().st_mtime_ns == before
     monkeypatch.undo()

@@ -23,7 +23,7 @@ from srde_core.data import (
     load_data,
     load_tokenizer,
 )
-from srde_core.data.corpus import DOMAINS
+from srde_plugins.data.corpora import DOMAINS
 from srde_core.data.tokenizer import mistral_common_data_dir
 from srde_core.errors import DataError
 

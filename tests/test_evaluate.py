@@ -159,7 +159,18 @@ def test_user_domains_compare_the_first_line():
     assert not is_correct("general", "New York", " New Jersey")
     assert not is_correct("general", "New York", " New York City")
     assert not is_correct("general", "", "anything")
-    assert is_correct("math", "42", " 042 and more")  # corpus domains use the corpus checker
+    assert not is_correct("math", "42", " 042 and more")  # user data named like a corpus domain: first line
+
+
+def test_a_generated_corpus_checks_its_own_answers():
+    from srde_core.data.corpus import find_corpus
+
+    reasoning, conventions = find_corpus("reasoning"), find_corpus("conventions")
+    assert is_correct("math", "42", " 042 and more", reasoning)  # the reasoning domains' checkers: first word
+    assert not is_correct("math", "42", " 43", reasoning)
+    assert is_correct("general", "New York", " New   York\nQ:", reasoning)  # other domains: the first line
+    assert is_correct("back", "3608", " 3608\nQ: ...", conventions)
+    assert not is_correct("back", "3608", " 3608 and more", conventions)  # conventions: the first line
 
 
 def test_left_padding_does_not_change_greedy_outputs(micro_run):

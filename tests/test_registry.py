@@ -29,7 +29,8 @@ def make(params):
 def test_the_core_declares_its_kinds_each_with_a_contract():
     registries = Registries()
     assert set(registries.kinds) == {
-        "selector", "delta", "layout", "router", "combine", "loss", "scheduler", "schedule", "trainer", "engine", "sampler"
+        "selector", "delta", "layout", "router", "combine", "loss", "scheduler", "schedule", "trainer", "engine", "sampler",
+        "corpus",
     }
     assert all(r.spec.contract is not None for r in registries.kinds.values())
 

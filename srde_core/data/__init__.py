@@ -1,4 +1,4 @@
-"""Domain-labelled data: the generated corpus, tokenizers, cached tokenisation and batching.
+"""Domain-labelled data: generated corpora's files, tokenizers, cached tokenisation and batching.
 
 Names are imported on first use, so that importing ``srde_core.data.params`` (the recipe schema)
 does not pull in torch or datasets.
@@ -11,9 +11,8 @@ import importlib
 _EXPORTS = {
     "IGNORE_INDEX": "collate",
     "collate": "collate",
-    "DOMAINS": "corpus",
-    "check": "corpus",
-    "generate": "corpus",
+    "Corpus": "corpus",
+    "find_corpus": "corpus",
     "write_corpus": "corpus",
     "DataBundle": "dataset",
     "encode_example": "dataset",

@@ -1,11 +1,10 @@
-"""The generated six-domain reasoning corpus with program-checkable answers.
+"""Generated corpora (``[data.generate]``): the ``corpus`` contract, and writing a corpus's files.
 
-Every example is ``{"prompt": "Q: <question>\\nA:", "answer": "<value>", "domain": ..., "difficulty":
-1..3}``; the text a model is trained on is ``prompt + " " + answer``. Generation is a pure function of
-``(domain, n, seed, difficulty)``: each domain draws from its own ``random.Random`` seeded with a
-string, which Python hashes the same way on every machine and run. ``check`` reads a model's
-generated continuation and says whether it is the right answer, which is what accuracy evaluation and
-correctness rewards use.
+A corpus is a component of kind ``corpus`` (the built-ins, ``reasoning`` and ``conventions``, live in
+the ``data`` plugin). It gives the rows of its splits, each row ``{"prompt", "answer", "domain",
+"difficulty"}``, as a pure function of its arguments, and reads a model's continuation as an answer
+(:meth:`Corpus.check`, what accuracy evaluation and correctness rewards use). The core writes the
+rows to JSON Lines files with a manifest and keeps them as a cache.
 """
 
 from __future__ import annotations
@@ -13,131 +12,69 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import tempfile
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
 from pathlib import Path
-
-from srde_core.data.domains import MODULES, conventions
-
-DOMAINS: tuple[str, ...] = ("math", "code", "logic", "science", "planning", "patterns")
-
-#: The generated corpora (``[data.generate] corpus``) and their domains: ``reasoning`` (the six
-#: domains above, the tiny default) and ``conventions`` (one kind of digit-string prompt under seven
-#: conventions; see :mod:`srde_core.data.domains.conventions`).
-CORPORA: dict[str, tuple[str, ...]] = {"reasoning": DOMAINS, "conventions": conventions.DOMAINS}
-DIFFICULTIES: tuple[int, ...] = (1, 2, 3)
-
-# Bump a corpus's version when its generator changes its output: cached corpora key on it.
-CORPUS_VERSIONS: dict[str, int] = {"reasoning": 1, "conventions": 2}
-
-_MAX_MISSES = 20_000
+from typing import Any
 
 TRAIN_FILE, EVAL_FILE, MANIFEST_FILE = "train.jsonl", "eval.jsonl", "manifest.json"
 VALIDATION_FILE = "validation.jsonl"
 
 
-def format_prompt(question: str) -> str:
-    """The prompt template shared by every domain: ``"Q: <question>\\nA:"``."""
-    return f"Q: {question}\nA:"
+def first_line(text: str) -> str:
+    """The first line of ``text``, whitespace-normalised (how answers of user data are compared)."""
+    lines = text.strip().splitlines()
+    return " ".join(lines[0].split()) if lines else ""
 
 
-def _module(domain: str):
-    module = MODULES.get(domain) or conventions.MODULES.get(domain)
-    if module is None:
-        known = ", ".join(d for domains in CORPORA.values() for d in domains)
-        raise ValueError(f"unknown domain {domain!r} (domains: {known})")
-    return module
+def first_line_matches(expected: str, generated: str) -> bool:
+    """The first lines of both, whitespace-normalised, are equal (and not empty)."""
+    want = first_line(expected)
+    return bool(want) and first_line(generated) == want
 
 
-def _stream(domain: str, tag: str, difficulty: int | None) -> Iterator[dict]:
-    """Examples of one domain, endlessly; difficulties cycle 1, 2, 3 unless one is fixed."""
-    if difficulty is not None and difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, not {difficulty!r}")
-    module = _module(domain)
-    rng = random.Random(f"srde-corpus:{domain}:{tag}")
-    i = 0
-    while True:
-        level = difficulty if difficulty is not None else DIFFICULTIES[i % len(DIFFICULTIES)]
-        question, answer = module.make(rng, level)
-        yield {"prompt": format_prompt(question), "answer": answer, "domain": domain, "difficulty": level}
-        i += 1
+class Corpus(ABC):
+    """A generated corpus: its name, domains and version, its rows, and its answer checker."""
+
+    #: the registered name (``[data.generate] corpus``)
+    name: str = ""
+    #: the domains, in generation order
+    domains: tuple[str, ...] = ()
+    #: bumped when the generator's output changes: cached corpora key on it
+    version: int = 0
+    #: whether the cache directory and manifest name the corpus (False only for the default
+    #: ``reasoning`` corpus, whose cached files keep their first names)
+    named_cache: bool = True
+
+    @abstractmethod
+    def splits(self, examples_per_domain: int, eval_per_domain: int, seed: int,
+               validation_per_domain: int = 0) -> dict[str, list[dict]]:
+        """``{"train", "eval", "validation"}`` rows, identical for identical arguments (the
+        validation rows empty without ``validation_per_domain``)."""
+
+    def check(self, domain: str, expected: str, generated: str) -> bool:
+        """Whether the continuation ``generated`` answers ``expected``. By default the first line
+        of each, whitespace-normalised, must be equal (and not empty)."""
+        return first_line_matches(expected, generated)
 
 
-def generate(domain: str, n: int, seed: int, difficulty: int | None = None) -> list[dict]:
-    """``n`` examples of ``domain``, identical for identical arguments.
+def find_corpus(name: str | Corpus, plugins: Any = None) -> Corpus:
+    """The corpus registered as ``name`` (the built-ins and every installed plugin's), built."""
+    if isinstance(name, Corpus):
+        return name
+    from srde_core.plugins import load_plugins
+    from srde_core.recipe.resolve import resolve_component
 
-    With ``difficulty=None`` the difficulties cycle 1, 2, 3 (balanced); otherwise all are at that
-    level. Small difficulty-1 spaces repeat: examples are not deduplicated here.
-    """
-    stream = _stream(domain, str(seed), difficulty)
-    return [next(stream) for _ in range(n)]
-
-
-def check(domain: str, expected: str, generated: str) -> bool:
-    """Whether the generated continuation (e.g. ``" 42\\nQ: ..."``) answers ``expected``.
-
-    The first word of ``generated`` is compared with the program-computed answer (integers by value,
-    words case-insensitively).
-    """
-    return _module(domain).check(expected, generated)
+    return resolve_component(plugins if plugins is not None else load_plugins(), "corpus", name).build()
 
 
-def _draw(domain: str, n: int, tag: str, exclude: set[str], unique: bool) -> list[dict]:
-    """``n`` examples of ``domain`` whose prompts are not in ``exclude``, difficulties balanced.
-
-    The i-th accepted example has difficulty ``i % 3 + 1``, so excluding prompts never skews the mix.
-    """
-    streams = {level: _stream(domain, f"{tag}:{level}", level) for level in DIFFICULTIES}
-    seen: set[str] = set()
-    out: list[dict] = []
-    misses = 0
-    while len(out) < n:
-        level = DIFFICULTIES[len(out) % len(DIFFICULTIES)]
-        example = next(streams[level])
-        if example["prompt"] in exclude or (unique and example["prompt"] in seen):
-            # Thousands of misses in a row mean the space of new prompts is (nearly) used up.
-            misses += 1
-            if misses > _MAX_MISSES:
-                raise ValueError(f"{domain}: cannot draw {n} examples: too few distinct prompts at difficulty {level}")
-            continue
-        misses = 0
-        seen.add(example["prompt"])
-        out.append(example)
-    return out
-
-
-def build_corpus(examples_per_domain: int, eval_per_domain: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """The train and eval examples of :func:`write_corpus`, in memory (the reasoning corpus).
-
-    Eval prompts are distinct and drawn first; train prompts never equal an eval prompt (train may
-    repeat a prompt, as small difficulty-1 spaces must). Both lists are shuffled across domains.
-    """
-    splits = build_splits(examples_per_domain, eval_per_domain, seed)
-    return splits["train"], splits["eval"]
-
-
-def build_splits(examples_per_domain: int, eval_per_domain: int, seed: int, corpus: str = "reasoning",
-                 validation_per_domain: int = 0) -> dict[str, list[dict]]:
-    """``{"train", "eval", "validation"}`` rows of ``corpus``. Eval prompts are drawn first, then
-    ``validation_per_domain`` validation prompts (distinct, none an eval prompt); train prompts are
-    neither. Without validation rows the train and eval rows are those of :func:`build_corpus`."""
-    if corpus not in CORPORA:
-        raise ValueError(f"unknown corpus {corpus!r} (corpora: {', '.join(CORPORA)})")
-    rows: dict[str, list[dict]] = {"train": [], "eval": [], "validation": []}
-    for domain in CORPORA[corpus]:
-        held_out = _draw(domain, eval_per_domain, f"{seed}:eval", set(), unique=True)
-        excluded = {e["prompt"] for e in held_out}
-        rows["eval"] += held_out
-        if validation_per_domain:
-            validation = _draw(domain, validation_per_domain, f"{seed}:validation", excluded, unique=True)
-            excluded |= {e["prompt"] for e in validation}
-            rows["validation"] += validation
-        rows["train"] += _draw(domain, examples_per_domain, f"{seed}:train", excluded, False)
-    random.Random(f"srde-corpus:shuffle:{seed}").shuffle(rows["train"])
-    random.Random(f"srde-corpus:shuffle-eval:{seed}").shuffle(rows["eval"])
-    random.Random(f"srde-corpus:shuffle-validation:{seed}").shuffle(rows["validation"])
-    return rows
+def cache_name(corpus: Corpus, examples_per_domain: int, eval_per_domain: int, seed: int,
+               validation_per_domain: int = 0) -> str:
+    """The directory name of a generated corpus under ``cache_dir/corpus``."""
+    name = f"v{corpus.version}-seed{seed}-n{examples_per_domain}-e{eval_per_domain}"
+    if corpus.named_cache or validation_per_domain:
+        name = f"{corpus.name}-{name}-v{validation_per_domain}"
+    return name
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -157,31 +94,33 @@ def _sha256(path: Path) -> str:
 
 def write_corpus(
     directory: str | os.PathLike, examples_per_domain: int, eval_per_domain: int, seed: int,
-    corpus: str = "reasoning", validation_per_domain: int = 0,
+    corpus: str | Corpus = "reasoning", validation_per_domain: int = 0, plugins: Any = None,
 ) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` (and, with ``validation_per_domain``,
-    ``validation.jsonl``: held-out rows for choosing settings, disjoint from eval) of ``corpus``
-    into ``directory``; return the train and eval paths.
+    ``validation.jsonl``: held-out rows for choosing settings, disjoint from eval) of ``corpus`` (a
+    name, resolved through the plugins' ``corpus`` registry, or a :class:`Corpus`) into
+    ``directory``; return the train and eval paths.
 
     Each file is written to a temporary file and renamed into place, and ``manifest.json`` (the
     parameters and the files' hashes) last, so a crash never leaves a corpus that looks complete.
     When the manifest says the files were made with the same parameters and they are unchanged,
     nothing is written.
     """
+    corpus = find_corpus(corpus, plugins)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = directory / TRAIN_FILE, directory / EVAL_FILE
     manifest_path = directory / MANIFEST_FILE
     wanted = {
-        "version": CORPUS_VERSIONS.get(corpus, 0),
-        "domains": list(CORPORA[corpus]) if corpus in CORPORA else [],
+        "version": corpus.version,
+        "domains": list(corpus.domains),
         "examples_per_domain": examples_per_domain,
         "eval_per_domain": eval_per_domain,
         "seed": seed,
     }
     files = {TRAIN_FILE: train_path, EVAL_FILE: eval_path}
-    if corpus != "reasoning" or validation_per_domain:  # the reasoning corpus's manifests stay as they were
-        wanted |= {"corpus": corpus, "validation_per_domain": validation_per_domain}
+    if corpus.named_cache or validation_per_domain:  # the default corpus's manifests stay as they were
+        wanted |= {"corpus": corpus.name, "validation_per_domain": validation_per_domain}
     if validation_per_domain:
         files[VALIDATION_FILE] = directory / VALIDATION_FILE
     if manifest_path.exists() and all(path.exists() for path in files.values()):
@@ -194,7 +133,7 @@ def write_corpus(
         }:
             return train_path, eval_path
 
-    splits = build_splits(examples_per_domain, eval_per_domain, seed, corpus, validation_per_domain)
+    splits = corpus.splits(examples_per_domain, eval_per_domain, seed, validation_per_domain)
     split_of = {TRAIN_FILE: "train", EVAL_FILE: "eval", VALIDATION_FILE: "validation"}
     for name, path in files.items():
         _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split_of[name]]))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srde_core.data.collate import collate  # noqa: F401 - re-exported: trainers import it from here
-from srde_core.data.corpus import CORPUS_VERSIONS, VALIDATION_FILE, write_corpus
+from srde_core.data.corpus import VALIDATION_FILE, Corpus, cache_name, find_corpus, write_corpus
 from srde_core.data.params import ColumnsParams, DataParams
 from srde_core.data.sources import ColumnMap, Source, file_source, hf_source, resolve_paths, value_problem
 from srde_core.data.tokenizer import Tokenizer
@@ -57,6 +57,15 @@ class DataBundle:
     cache_path: Path | None = None
     #: why the cached tokenisation under this key could not be read (it was tokenised again)
     cache_damaged: str | None = None
+    #: the generated corpus the data came from (its answer checker reads the model's answers)
+    corpus: Corpus | None = None
+
+    def check_answer(self, domain: str, expected: str, generated: str) -> bool:
+        """Whether the continuation ``generated`` answers ``expected``: the corpus's checker, or
+        for other data the first line, whitespace-normalised (see :meth:`Corpus.check`)."""
+        from srde_core.evaluate.accuracy import is_correct
+
+        return is_correct(domain, expected, generated, self.corpus)
 
 
 @dataclass(frozen=True)
@@ -126,18 +135,17 @@ def encode_example(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int)
     return ids[:seq_len], min(shared, seq_len)
 
 
-def _sources(params: DataParams, cache_dir: Path, base_dir: Path) -> tuple[list[Source], list[Source], ColumnsParams]:
+def _sources(params: DataParams, cache_dir: Path, base_dir: Path,
+             corpus: Corpus | None) -> tuple[list[Source], list[Source], ColumnsParams]:
     hf_cache = cache_dir / "hf"
     if params.generate is not None:
         if params.train_files or params.eval_files or params.hf_name:
             raise DataError("cannot be combined with train_files, eval_files or hf_name", key="data.generate")
         g = params.generate
-        name = f"v{CORPUS_VERSIONS[g.corpus]}-seed{g.seed}-n{g.examples_per_domain}-e{g.eval_per_domain}"
-        if g.corpus != "reasoning" or g.validation_per_domain:
-            name = f"{g.corpus}-{name}-v{g.validation_per_domain}"
-        corpus_dir = cache_dir / "corpus" / name
+        corpus_dir = cache_dir / "corpus" / cache_name(corpus, g.examples_per_domain, g.eval_per_domain, g.seed,
+                                                       g.validation_per_domain)
         train_path, eval_path = write_corpus(corpus_dir, g.examples_per_domain, g.eval_per_domain, g.seed,
-                                             g.corpus, g.validation_per_domain)
+                                             corpus, g.validation_per_domain)
         if g.held_out == "validation":
             eval_path = corpus_dir / VALIDATION_FILE
         # The corpus has its own fixed columns; a [data.columns] table describes user data only.
@@ -264,17 +272,25 @@ def load_data(
     tokenizer: Tokenizer,
     cache_dir: str | os.PathLike,
     base_dir: str | os.PathLike = ".",
+    plugins=None,
 ) -> DataBundle:
     """Tokenised train/eval data for a recipe's ``[data]`` table, from the cache when possible.
 
     ``base_dir`` is the recipe's directory: relative ``train_files`` / ``eval_files`` / ``hf_name``
     are taken from there. ``cache_dir`` holds the generated corpus (``corpus/``), datasets' own
     files (``hf/``) and the tokenised data (``tokenized/``). Missing or malformed data raises
-    :class:`DataError` with one line naming the file and the line, row or column.
+    :class:`DataError` with one line naming the file and the line, row or column. ``plugins``: the
+    plugin set whose ``corpus`` registry names the generated corpus (default: the installed plugins).
     """
-    cache_dir, base_dir = Path(cache_dir), Path(base_dir)
+    corpus = find_corpus(params.generate.corpus, plugins) if params.generate is not None else None
+    bundle = _load(params, tokenizer, Path(cache_dir), Path(base_dir), corpus)
+    bundle.corpus = corpus
+    return bundle
+
+
+def _load(params: DataParams, tokenizer: Tokenizer, cache_dir: Path, base_dir: Path, corpus: Corpus | None) -> DataBundle:
     with _quiet_datasets():
-        train_sources, eval_sources, columns = _sources(params, cache_dir, base_dir)
+        train_sources, eval_sources, columns = _sources(params, cache_dir, base_dir, corpus)
         key = _cache_key(train_sources, eval_sources, columns, tokenizer, params.seq_len)
         target = cache_dir / "tokenized" / key
         damaged = None

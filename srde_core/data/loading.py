@@ -21,7 +21,8 @@ def load_run_data(run):
 
     recipe = run.recipe
     tokenizer = recipe_tokenizer(recipe)
-    bundle = load_data(data_with_paths(recipe), tokenizer, recipe.cache_dir, base_dir=recipe.base_for("data.hf_name"))
+    bundle = load_data(data_with_paths(recipe), tokenizer, recipe.cache_dir, base_dir=recipe.base_for("data.hf_name"),
+                       plugins=run.plugins)
     state = "cached" if bundle.cache_hit else "tokenised"
     if bundle.cache_damaged:
         state = f"tokenised again: the cache {bundle.cache_path} was damaged, {bundle.cache_damaged}"

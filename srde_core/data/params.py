@@ -34,9 +34,9 @@ class TokenizerParams(Params):
 
 
 class GenerateParams(Params):
-    corpus: Literal["reasoning", "conventions"] = Field(
-        "reasoning", description="which generated corpus: the six reasoning domains, or one digit-string prompt under "
-        "seven conventions (a general domain and six tagged ones)",
+    corpus: str = Field(
+        "reasoning", min_length=1, description="which generated corpus (a `corpus` component): reasoning (six "
+        "domains), conventions (one digit-string prompt under seven conventions), or a plugin's",
     )
     examples_per_domain: int = Field(2000, ge=1, description="training examples per domain")
     eval_per_domain: int = Field(200, ge=1, description="held-out examples per domain")

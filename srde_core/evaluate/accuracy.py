@@ -1,8 +1,8 @@
 """Answer accuracy per domain: greedy continuation of BOS + prompt, checked against the answer.
 
-Generated-corpus domains use the corpus checkers (:func:`srde_core.data.corpus.check`: the first
-word, integers by value). Other domains (user data) compare the first line of the continuation with
-the answer's first line, whitespace-normalised and case-sensitive.
+A generated corpus reads the answers itself (:meth:`srde_core.data.corpus.Corpus.check`; the
+reasoning corpus: the first word, integers by value). Other data compares the first line of the
+continuation with the answer's first line, whitespace-normalised and case-sensitive.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from srde_core.data.corpus import DOMAINS, check
+from srde_core.data.corpus import Corpus, first_line_matches
 from srde_core.evaluate.generation import greedy_generate
 
 #: ``generate(model, prompts, *, max_new_tokens, pad_id, eos_id, batch_size, device) -> new ids``,
@@ -30,17 +30,12 @@ class DomainAccuracy:
         return self.correct / self.examples if self.examples else math.nan
 
 
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return " ".join(lines[0].split()) if lines else ""
-
-
-def is_correct(domain: str, expected: str, generated: str) -> bool:
-    """Whether the continuation ``generated`` answers ``expected`` (see the module docstring)."""
-    if domain in DOMAINS:
-        return check(domain, expected, generated)
-    want = _first_line(expected)
-    return bool(want) and _first_line(generated) == want
+def is_correct(domain: str, expected: str, generated: str, corpus: Corpus | None = None) -> bool:
+    """Whether the continuation ``generated`` answers ``expected`` (see the module docstring);
+    ``corpus``: the generated corpus the example came from."""
+    if corpus is not None:
+        return corpus.check(domain, expected, generated)
+    return first_line_matches(expected, generated)
 
 
 def answer_accuracy(
@@ -53,9 +48,10 @@ def answer_accuracy(
     batch_size: int,
     device=None,
     generate: Generator = greedy_generate,
+    corpus: Corpus | None = None,
 ) -> dict[str, DomainAccuracy]:
     """Correct answers per domain over ``rows`` (eval rows with ``input_ids``, ``prompt_len``,
-    ``domain`` and ``answer``). Every domain of ``domains`` is in the result, with 0 examples if
+    ``domain`` and ``answer``; ``corpus``: the generated corpus they came from). Every domain of ``domains`` is in the result, with 0 examples if
     ``rows`` has none. The model runs as it is: wrap the call in
     :func:`srde_core.evaluate.evaluation_state` to pick base or SRDE."""
     columns = rows[:]  # one column-wise read instead of a row object per example
@@ -68,5 +64,5 @@ def answer_accuracy(
     total = {d: 0 for d in domains}
     for domain, answer, ids in zip(columns["domain"], columns["answer"], continuations):
         total[domain] = total.get(domain, 0) + 1
-        correct[domain] = correct.get(domain, 0) + int(is_correct(domain, answer, tokenizer.decode(ids)))
+        correct[domain] = correct.get(domain, 0) + int(is_correct(domain, answer, tokenizer.decode(ids), corpus))
     return {d: DomainAccuracy(d, correct[d], total[d]) for d in total}

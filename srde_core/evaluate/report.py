@@ -75,7 +75,7 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False,
 
     def accuracy() -> dict[str, DomainAccuracy]:
         return answer_accuracy(model, rows, tokenizer, domains, max_new_tokens=settings.max_new_tokens,
-                               batch_size=settings.batch_size, device=run.device)
+                               batch_size=settings.batch_size, device=run.device, corpus=run.data.corpus)
 
     result: dict = {"examples_per_domain": per_domain, "examples": len(rows), "domains": list(domains),
                     "has_experts": experts is not None, "max_new_tokens": settings.max_new_tokens,

@@ -295,6 +295,17 @@ def _check_phases(phases: tuple[Phase, ...], settings: Mapping[str, Params], lay
                                   f"{', '.join(names)}", source=layers.source_of(where), key=format_key(where))
 
 
+def _check_corpus(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None:
+    """``[data.generate] corpus`` names a registered corpus."""
+    generate = top.data.generate
+    names = plugins.registries["corpus"].names()
+    if generate is not None and generate.corpus not in names:
+        where = ("data", "generate", "corpus")
+        raise RecipeError(f"unknown corpus '{generate.corpus}'{did_you_mean(generate.corpus, names)}; "
+                          f"{available(names)}{plugins.broken_note()}", source=layers.source_of(where),
+                          key=format_key(where))
+
+
 def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | None = None) -> Recipe:
     """Validate merged recipe data against the schema and the registries."""
     resolver = _Resolver(layers, plugins)
@@ -304,6 +315,7 @@ def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | 
     if not isinstance(raw_plugins, dict):
         raise RecipeError("expected a table", source=layers.source_of(("plugins",)), key="plugins")
     top = resolver.params(RecipeParams, raw, ())
+    _check_corpus(top, layers, plugins)
     phases = tuple(Phase(i, core) for i, core in enumerate(top.phases))
     settings, required = _plugin_settings(raw_plugins, resolver)
     _check_phases(phases, settings, layers)

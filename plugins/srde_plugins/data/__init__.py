@@ -1,4 +1,6 @@
-"""Batch samplers: `shuffled` (a new permutation every epoch; the default), `curriculum` (easy first), `domain_balanced`.
+"""Generated corpora: `reasoning` (the default) and `conventions` (see :mod:`srde_plugins.data.corpora`).
+
+Batch samplers: `shuffled` (a new permutation every epoch; the default), `curriculum` (easy first), `domain_balanced`.
 
 ``curriculum`` orders the training examples by their difficulty and lets each step
 draw from the easiest fraction ``c(t)`` (its *competence*), which grows from ``initial`` to 1 over
@@ -20,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from srde_core.hookspecs import hookimpl
-from srde_core.params import Params
+from srde_core.params import NoParams, Params
 
 
 class CurriculumParams(Params):
@@ -55,3 +57,7 @@ def srde_register(registry):
                  "Easy examples first (data difficulty or base-model loss): linear, exponential or competence-based (Platanios 2019).")
     registry.add("sampler", "domain_balanced", "srde_plugins.data.balanced:DomainBalancedSampler", DomainBalancedParams,
                  "Equal examples from every domain in each batch, from the cached per-domain shards (Phase 1).")
+    registry.add("corpus", "reasoning", "srde_plugins.data.corpora:reasoning", NoParams,
+                 "Six domains with program-checkable answers: math, code, logic, science, planning, patterns.")
+    registry.add("corpus", "conventions", "srde_plugins.data.corpora:conventions_corpus", NoParams,
+                 "One digit-string prompt under seven conventions (a general domain and six tagged ones).")

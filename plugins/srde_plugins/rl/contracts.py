@@ -15,14 +15,21 @@ class Verifier(ABC):
         """The reward of the continuation ``text`` (its token ids ``tokens``, EOS excluded) of
         ``example``'s prompt (a training row: ``prompt``, ``answer``, ``domain``, ...)."""
 
+    def bind(self, data) -> None:
+        """Called once before the phase with the run's data (a :class:`~srde_core.data.DataBundle`)."""
+
 
 class AnswerVerifier(Verifier):
     """1.0 when the continuation answers the example (as `srde eval` checks accuracy), else 0.0."""
 
     def __init__(self, params=None):
         self.params = params
+        self.corpus = None
+
+    def bind(self, data) -> None:
+        self.corpus = getattr(data, "corpus", None)  # a generated corpus checks its own answers
 
     def score(self, example, text, tokens) -> float:
         from srde_core.evaluate.accuracy import is_correct
 
-        return 1.0 if is_correct(example["domain"], example["answer"], text) else 0.0
+        return 1.0 if is_correct(example["domain"], example["answer"], text, self.corpus) else 0.0

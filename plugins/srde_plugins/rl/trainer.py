@@ -69,6 +69,7 @@ class GRPO(Trainer):
         self.run_ctx = run
         self.experts = run.attach_experts()
         self.verifier = self.params.verifier.build()
+        self.verifier.bind(run.data)
         self.kl = kl_controller(self.params)
         self.lm_head = run.model.get_output_embeddings()
         parameters = dict(self.experts.trainable_parameters())

@@ -81,7 +81,7 @@ class Convention:
     def check(self, expected: str, generated: str) -> bool:
         """The first word of the continuation equals the answer exactly (digit strings compare as
         text: leading zeros count)."""
-        from srde_core.data.domains.answers import first_word
+        from srde_plugins.data.domains.answers import first_word
 
         return first_word(generated) == expected.strip()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from srde_core.data.domains.answers import matches
+from srde_plugins.data.domains.answers import matches
 
 NAME = "planning"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import string
 
-from srde_core.data.domains.answers import matches
+from srde_plugins.data.domains.answers import matches
 
 NAME = "patterns"
 

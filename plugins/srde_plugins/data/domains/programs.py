@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from srde_core.data.domains.answers import matches
+from srde_plugins.data.domains.answers import matches
 
 NAME = "code"
 
