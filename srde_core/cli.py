@@ -189,6 +189,17 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _write_plots(run_dir, evaluation) -> list[Path]:
+    """What every ``plots`` component writes for the run (the built-in tracking plugin's ``png``)."""
+    from srde_core.params import NoParams
+    from srde_core.plugins import load_plugins
+
+    plugins = load_plugins()
+    if "plots" not in plugins.registries or not plugins.registries["plots"].names():
+        raise SRDEError(f"--plots needs a plugin that registers plots (the built-in 'tracking'){plugins.broken_note()}")
+    return [path for component in plugins.registries["plots"] for path in component.build(NoParams())(run_dir, evaluation)]
+
+
 def cmd_eval(args) -> int:
     if args.max_examples is not None and args.max_examples < 1:
         raise UsageError(f"--max-examples must be at least 1, got {args.max_examples}")
@@ -197,9 +208,7 @@ def cmd_eval(args) -> int:
     console = _console()
     result = evaluate_run(args.run_dir, console, max_examples=args.max_examples, as_json=args.json)
     if args.plots:
-        from srde_core.evaluate.plots import plots_for_run
-
-        written = plots_for_run(args.run_dir, result)
+        written = _write_plots(args.run_dir, result)
         print(f"plots: {len(written)} PNG files in {Path(args.run_dir) / 'plots'}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

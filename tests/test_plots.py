@@ -6,7 +6,7 @@ import hashlib
 import json
 
 from srde_core.cli import main
-from srde_core.evaluate.plots import write_plots
+from srde_plugins.tracking.plots import write_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,6 +13,9 @@ grad norm, router load and entropy, density, tokens/s), on the main process only
 run, each SRDE layer's expert x domain routing on the eval rows goes to the tracker as an image
 (``eval/routing_layer<L>``; needs matplotlib). A tracker that fails
 to start stops the run with one line, unless ``on_error = "continue"``, which warns once and goes on.
+
+``srde eval RUN_DIR --plots`` writes the components of the ``plots`` kind (declared here): the
+built-in ``png`` makes PNG figures in ``RUN_DIR/plots/`` (:mod:`srde_plugins.tracking.plots`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Literal
 from pydantic import Field
 
 from srde_core.hookspecs import hookimpl
-from srde_core.params import Params
+from srde_core.params import NoParams, Params
+from srde_core.registry import CALLABLE
 
 
 class TrackerParams(Params):
@@ -44,7 +48,15 @@ class WandbParams(TrackerParams):
 
 
 @hookimpl
+def srde_add_kinds(kinds):
+    kinds.add("plots", "Figures of a finished run (`srde eval --plots`): (run_dir, evaluation) -> written paths.",
+              contract=CALLABLE)
+
+
+@hookimpl
 def srde_register(registry):
+    registry.add("plots", "png", "srde_plugins.tracking.plots:writer", NoParams,
+                 "PNG figures in RUN_DIR/plots: training curves, routing heatmaps, router load, density, curriculum.")
     registry.settings("tensorboard", TensorBoardParams, "TensorBoard event files of every logged step.")
     registry.settings("wandb", WandbParams, "Weights & Biases run (offline by default) of every logged step.")
 

@@ -85,7 +85,7 @@ def log_routing_images(run, trackers) -> None:
     if run.experts is None or run.data is None or run.data.eval is None or len(run.data.eval) == 0:
         return
     try:
-        from srde_core.evaluate.plots import routing_figure
+        from srde_plugins.tracking.plots import routing_figure
     except SRDEError as err:  # matplotlib missing
         run.log(f"trackers: no routing images ({err.message})")
         return

@@ -124,3 +124,8 @@ def plots_for_run(run_dir: str | Path, evaluation: dict | None) -> list[Path]:
                 continue  # a partial last line of a killed run
     recipe = json.loads((run_dir / "recipe.json").read_text()).get("recipe", {})
     return write_plots(run_dir, recipe.get("name", run_dir.name), metrics, evaluation)
+
+
+def writer(params=None):
+    """The ``plots`` component ``png``: :func:`plots_for_run`."""
+    return plots_for_run
