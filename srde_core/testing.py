@@ -34,7 +34,7 @@ from srde_core.model.layer import PROJECTIONS, SRDEMLP
 from srde_core.model.reference import dense_reference
 from srde_core.model.routing import RouterType
 
-__all__ = ["GatedMLP", "assert_exact", "assert_layer_exact", "assert_model_exact", "build_layer"]
+__all__ = ["GatedMLP", "assert_exact", "assert_layer_exact", "assert_model_exact", "build_layer", "outputs_and_grads"]
 
 _KINDS = {"delta": DeltaType, "router": RouterType, "combine": CombineType}
 
@@ -104,7 +104,9 @@ def build_layer(
     return mlp.to(dtype)
 
 
-def _outputs_and_grads(mlp: SRDEMLP, forward: Callable, x: torch.Tensor, context: ForwardContext | None):
+def outputs_and_grads(mlp: SRDEMLP, forward: Callable, x: torch.Tensor, context: ForwardContext | None = None):
+    """``forward(mlp, x)`` (in ``context``) and the gradients of a fixed random projection of it with
+    respect to the input (key ``"input"``) and every trainable tensor (zero where none reaches it)."""
     x = x.detach().clone().requires_grad_(True)
     mlp.zero_grad(set_to_none=True)
     with mlp.context.using(copy.deepcopy(context) if context is not None else ForwardContext()):
@@ -121,8 +123,8 @@ def _outputs_and_grads(mlp: SRDEMLP, forward: Callable, x: torch.Tensor, context
 def assert_layer_exact(mlp: SRDEMLP, x: torch.Tensor, *, tol: float = 1e-9, context: ForwardContext | None = None) -> dict:
     """``mlp(x)`` equals the dense reference in its output and in the gradients of ``x`` and of
     every trainable tensor, to ``tol`` relative to the largest entry of each; returns the gradients."""
-    y, grads = _outputs_and_grads(mlp, lambda m, v: m(v), x, context)
-    y_ref, grads_ref = _outputs_and_grads(mlp, dense_reference, x, context)
+    y, grads = outputs_and_grads(mlp, lambda m, v: m(v), x, context)
+    y_ref, grads_ref = outputs_and_grads(mlp, dense_reference, x, context)
     torch.testing.assert_close(y, y_ref.to(y.dtype), rtol=tol, atol=tol * max(y_ref.abs().max().item(), 1e-30),
                                msg=lambda m: f"output: {m}")
     for name, ref in grads_ref.items():

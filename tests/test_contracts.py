@@ -26,6 +26,7 @@ from srde_core.model.layer import PROJECTIONS, SRDEMLP
 from srde_core.model.reference import dense_reference
 from srde_core.plugins import load_plugins, provided_by
 from srde_core.recipe import load_recipe, resolve_component
+from srde_core.testing import outputs_and_grads
 
 SALT = 3
 SAMPLER_START = 5
@@ -277,24 +278,6 @@ def plugin_layer(kit, top_k: int = 2, dtype=torch.float64) -> SRDEMLP:
             bank.delta.normal_(0.0, 0.3, generator=generator)
         mlp.combine.v.normal_(0.0, 0.5, generator=generator)
     return mlp
-
-
-def outputs_and_grads(mlp: SRDEMLP, forward, x: torch.Tensor, context=None):
-    x = x.detach().clone().requires_grad_(True)
-    mlp.zero_grad(set_to_none=True)
-    if context is None:
-        y = forward(mlp, x)
-    else:
-        with mlp.context.using(copy.deepcopy(context)):
-            y = forward(mlp, x)
-    weight = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).view_as(y)
-    (y * weight).sum().backward()
-    grads = {"x": x.grad.clone()}
-    grads.update({
-        name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-        for name, p in mlp.named_parameters() if p.requires_grad
-    })
-    return y.detach(), grads
 
 
 def assert_matches_reference(mlp, x, *, rtol, atol, context=None, unreached=()):

@@ -12,7 +12,6 @@ router with each gate normalisation, and every registered combine step. Checked 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from srde_core.model.reference import dense_reference
 from srde_core.plugins import load_plugins
 from srde_core.recipe import resolve_component
 from srde_core.registry import ComponentChoice
+from srde_core.testing import outputs_and_grads
 
 PLUGINS = load_plugins()
 REGISTRIES = PLUGINS.registries
@@ -81,22 +81,6 @@ def build_layer(top_k: int, gate: str | None = "auto", combine: str = "weighted_
             for p in step.parameters():
                 p.normal_(0.0, 0.3, generator=generator)
     return mlp
-
-
-def outputs_and_grads(mlp: SRDEMLP, forward, x: torch.Tensor, context: ForwardContext | None = None):
-    """``forward(mlp, x)`` and the gradients of a fixed random projection of it w.r.t. the input
-    and every trainable tensor (zero where none reaches it)."""
-    x = x.detach().clone().requires_grad_(True)
-    mlp.zero_grad(set_to_none=True)
-    with mlp.context.using(copy.deepcopy(context) if context is not None else ForwardContext()):
-        y = forward(mlp, x)
-    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(y.dtype)
-    (y * probe).sum().backward()
-    grads = {"x": x.grad.clone()}
-    for name, p in mlp.named_parameters():
-        if p.requires_grad:
-            grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.clone()
-    return y.detach(), grads
 
 
 def assert_matches_reference(mlp: SRDEMLP, x: torch.Tensor, *, tol: float, context=None) -> dict:
