@@ -12,7 +12,6 @@ router with each gate normalisation, and every registered combine step. Checked 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
