@@ -22,6 +22,7 @@ CORE_KINDS: dict[str, tuple[str, object]] = {
     "trainer": ("What a phase does: supervised, expert pre-training, RL.", "srde_core.train.trainer:Trainer"),
     "engine": ("Owns backward, optimiser, precision, distribution and checkpoint I/O.", "srde_core.train.engine:Engine"),
     "sampler": ("Which examples make the global batch of each step.", "srde_core.data.sampler:Sampler"),
+    "source": ("A data format (data.format): reads and checks a recipe's data.", "srde_core.data.sources:DataFormat"),
     "corpus": ("A generated corpus ([data.generate]): its rows and answer checker.", "srde_core.data.corpus:Corpus"),
 }
 

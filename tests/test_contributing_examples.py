@@ -22,7 +22,7 @@ from srde_core.testing import assert_exact
 CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
 KINDS = {"selector": "every_nth", "delta": "dense", "layout": "last_layers", "router": "token_hash",
          "combine": "half_step", "loss": "hidden_energy", "scheduler": "step_decay", "schedule": "halving",
-         "sampler": "in_order", "corpus": "reversal", "trainer": "banks_only", "engine": "counting",
+         "sampler": "in_order", "corpus": "reversal", "source": "pipe", "trainer": "banks_only", "engine": "counting",
          "probe": "trainable_count"}
 
 
@@ -90,3 +90,21 @@ def test_the_example_corpus_writes_its_rows(example, tmp_path):
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     assert len(rows) == 5 and all(r["answer"] == r["prompt"].split()[2][::-1] for r in rows)
     assert len(evals.read_text().splitlines()) == 3
+
+
+def test_the_example_format_reads_its_file_and_names_a_bad_line(example, tmp_path):
+    from srde_core.data.dataset import load_data
+    from srde_core.data.params import DataParams, TokenizerParams
+    from srde_core.data.tokenizer import load_tokenizer
+    from srde_core.errors import DataError
+
+    _, plugins = example
+    (tmp_path / "train.txt").write_text("Q: 2 + 2? | 4\n\nQ: 3 + 3? | 6\n")
+    tokenizer = load_tokenizer(TokenizerParams())
+    bundle = load_data(DataParams(format="pipe", train_files=["train.txt"]), tokenizer, tmp_path / "cache",
+                       base_dir=tmp_path, plugins=plugins)
+    assert [r["answer"] for r in bundle.train] == ["4", "6"] and bundle.domains == ["general"]
+    (tmp_path / "bad.txt").write_text("Q: 2 + 2? | 4\nQ: 3 + 3?\n")
+    with pytest.raises(DataError, match=r"bad.txt: line 2: column 'answer' missing"):
+        load_data(DataParams(format="pipe", train_files=["bad.txt"]), tokenizer, tmp_path / "cache",
+                  base_dir=tmp_path, plugins=plugins)

@@ -26,7 +26,7 @@ from pathlib import Path
 from srde_core.data.collate import collate  # noqa: F401 - re-exported: trainers import it from here
 from srde_core.data.corpus import VALIDATION_FILE, Corpus, cache_name, find_corpus, write_corpus
 from srde_core.data.params import ColumnsParams, DataParams
-from srde_core.data.sources import ColumnMap, Source, file_source, hf_source, resolve_paths, value_problem
+from srde_core.data.sources import ColumnMap, Source, find_format, value_problem
 from srde_core.data.tokenizer import Tokenizer
 from srde_core.errors import DataError
 
@@ -135,8 +135,8 @@ def encode_example(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int)
     return ids[:seq_len], min(shared, seq_len)
 
 
-def _sources(params: DataParams, cache_dir: Path, base_dir: Path,
-             corpus: Corpus | None) -> tuple[list[Source], list[Source], ColumnsParams]:
+def _sources(params: DataParams, cache_dir: Path, base_dir: Path, corpus: Corpus | None,
+             plugins=None) -> tuple[list[Source], list[Source], ColumnsParams]:
     hf_cache = cache_dir / "hf"
     if params.generate is not None:
         if params.train_files or params.eval_files or params.hf_name:
@@ -149,21 +149,10 @@ def _sources(params: DataParams, cache_dir: Path, base_dir: Path,
         if g.held_out == "validation":
             eval_path = corpus_dir / VALIDATION_FILE
         # The corpus has its own fixed columns; a [data.columns] table describes user data only.
-        return (
-            [file_source(train_path, "json", hf_cache, "data.generate")],
-            [file_source(eval_path, "json", hf_cache, "data.generate")],
-            ColumnsParams(),
-        )
-    if params.format == "hf":
-        train = [hf_source(params.hf_name, params.hf_train_split, base_dir, hf_cache, "data.hf_train_split")]
-        evals = (
-            [hf_source(params.hf_name, params.hf_eval_split, base_dir, hf_cache, "data.hf_eval_split")]
-            if params.hf_eval_split
-            else []
-        )
-        return train, evals, params.columns
-    train = [file_source(p, params.format, hf_cache, "data.train_files") for p in resolve_paths(params.train_files, base_dir)]
-    evals = [file_source(p, params.format, hf_cache, "data.eval_files") for p in resolve_paths(params.eval_files, base_dir)]
+        json_format = find_format("json", plugins)
+        return ([json_format.open(train_path, hf_cache, "data.generate")],
+                [json_format.open(eval_path, hf_cache, "data.generate")], ColumnsParams())
+    train, evals = find_format(params.format, plugins).sources(params, base_dir, hf_cache)
     return train, evals, params.columns
 
 
@@ -280,17 +269,19 @@ def load_data(
     are taken from there. ``cache_dir`` holds the generated corpus (``corpus/``), datasets' own
     files (``hf/``) and the tokenised data (``tokenized/``). Missing or malformed data raises
     :class:`DataError` with one line naming the file and the line, row or column. ``plugins``: the
-    plugin set whose ``corpus`` registry names the generated corpus (default: the installed plugins).
+    plugin set whose ``corpus`` and ``source`` registries name the generated corpus and the data
+    format (default: the installed plugins).
     """
     corpus = find_corpus(params.generate.corpus, plugins) if params.generate is not None else None
-    bundle = _load(params, tokenizer, Path(cache_dir), Path(base_dir), corpus)
+    bundle = _load(params, tokenizer, Path(cache_dir), Path(base_dir), corpus, plugins)
     bundle.corpus = corpus
     return bundle
 
 
-def _load(params: DataParams, tokenizer: Tokenizer, cache_dir: Path, base_dir: Path, corpus: Corpus | None) -> DataBundle:
+def _load(params: DataParams, tokenizer: Tokenizer, cache_dir: Path, base_dir: Path, corpus: Corpus | None,
+          plugins=None) -> DataBundle:
     with _quiet_datasets():
-        train_sources, eval_sources, columns = _sources(params, cache_dir, base_dir, corpus)
+        train_sources, eval_sources, columns = _sources(params, cache_dir, base_dir, corpus, plugins)
         key = _cache_key(train_sources, eval_sources, columns, tokenizer, params.seq_len)
         target = cache_dir / "tokenized" / key
         damaged = None

@@ -64,7 +64,8 @@ class ColumnsParams(Params):
 
 
 class DataParams(Params):
-    format: Literal["json", "parquet", "csv", "hf"] = Field("json", description="datasets builder, or an HF dataset")
+    format: str = Field("json", min_length=1, description="a `source` component: json, parquet, csv, hf (an HF "
+                        "dataset), or a plugin's")
     train_files: list[str] = Field(default_factory=list, description="paths relative to the recipe file")
     eval_files: list[str] = Field(default_factory=list)
     hf_name: str | None = Field(None, description="format 'hf': dataset name on the hub or local path")

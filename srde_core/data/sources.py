@@ -1,23 +1,23 @@
 """Where a recipe's data comes from, checked before any of it is tokenised.
 
-A :class:`Source` is one data file (JSON Lines / JSON, Parquet, CSV) or one split of an HF dataset.
-Its ``identity`` (a content hash, or the dataset's fingerprint) keys the tokenisation cache, and
-``load()`` reads it through ``datasets`` — the same path for the generated corpus and for a user's
-data. Files are validated first, so bad data fails with one line naming the file and the line or
-column instead of a builder's traceback.
+A data format (``data.format``) is a component of kind ``source``: :class:`DataFormat`. The
+built-ins (JSON Lines / JSON, Parquet, CSV, an HF dataset's split) live in the ``data`` plugin. A
+format gives :class:`Source` objects: each has an ``identity`` (a content hash, or the dataset's
+fingerprint) that keys the tokenisation cache, and ``load()`` returns a ``datasets.Dataset``. Files
+are validated first, so bad data fails with one line naming the file and the line or column instead
+of a builder's traceback. The core keeps the column mapping and the checks every format shares.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from srde_core.data.params import ColumnsParams
+from srde_core.data.params import ColumnsParams, DataParams
 from srde_core.errors import DataError
 
 # Roles of the columns a recipe maps, in the order examples are built from them.
@@ -104,40 +104,58 @@ class Source:
     validate: Callable[[ColumnsParams], ColumnMap]
 
 
-def file_source(path: Path, fmt: str, hf_cache: Path, key: str) -> Source:
-    """A local data file; ``key`` is the recipe key that named it (for 'file not found')."""
-    name = str(path)
-    if not path.is_file():
-        raise DataError(f"file not found ({key})", source=name)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+class DataFormat:
+    """A data format (kind ``source``, named by ``data.format``).
 
-    def load(cmap: ColumnMap):
-        return _load_with_datasets(fmt, path, hf_cache, cmap)
+    A file format implements :meth:`validate` (read the file, check every row against the column
+    mapping, return it; a problem is one :class:`DataError` naming the file and the line, row or
+    column) and :meth:`load` (the file as a ``datasets.Dataset``); the core hashes the file for
+    the cache and reports a missing one. A format whose data is not ``train_files`` /
+    ``eval_files`` (an HF dataset) overrides :meth:`sources` instead.
+    """
 
-    def validate(columns: ColumnsParams) -> ColumnMap:
-        return _VALIDATORS[fmt](path, columns)
+    #: the registered name (``data.format``); file sources' cache identities start with it
+    name: str = ""
 
-    return Source(name=name, identity=f"{fmt}:{digest.hexdigest()}", load=load, validate=validate)
+    def sources(self, data: DataParams, base_dir: Path, hf_cache: Path) -> tuple[list[Source], list[Source]]:
+        """The train and eval sources of ``data`` (paths relative to ``base_dir``)."""
+        train = [self.open(p, hf_cache, "data.train_files") for p in resolve_paths(data.train_files, base_dir)]
+        evals = [self.open(p, hf_cache, "data.eval_files") for p in resolve_paths(data.eval_files, base_dir)]
+        return train, evals
+
+    def open(self, path: Path, hf_cache: Path, key: str) -> Source:
+        """A local data file; ``key`` is the recipe key that named it (for 'file not found')."""
+        name = str(path)
+        if not path.is_file():
+            raise DataError(f"file not found ({key})", source=name)
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return Source(name=name, identity=f"{self.name}:{digest.hexdigest()}",
+                      load=lambda cmap: self.load(path, cmap, hf_cache),
+                      validate=lambda columns: self.validate(path, columns))
+
+    def validate(self, path: Path, columns: ColumnsParams) -> ColumnMap:
+        """The column mapping of the file at ``path``, every row checked."""
+        raise NotImplementedError(f"format '{self.name}' reads no files")
+
+    def load(self, path: Path, cmap: ColumnMap, hf_cache: Path) -> Any:
+        """The file at ``path`` as a ``datasets.Dataset`` (``hf_cache``: datasets' own cache)."""
+        raise NotImplementedError(f"format '{self.name}' reads no files")
 
 
-def _load_with_datasets(fmt: str, path: Path, hf_cache: Path, cmap: ColumnMap):
-    from datasets import load_dataset
+def find_format(name: str | DataFormat, plugins: Any = None) -> DataFormat:
+    """The data format registered as ``name`` (the built-ins and every installed plugin's), built."""
+    if isinstance(name, DataFormat):
+        return name
+    from srde_core.plugins import load_plugins
+    from srde_core.recipe.resolve import resolve_component
 
-    options = {}
-    if fmt == "csv":
-        # Read mapped columns as text: type inference would turn an answer "007" into 7 and an
-        # answer "NA" into a missing value.
-        options = {"converters": {c: str for c in cmap.used()}, "keep_default_na": False}
-    try:
-        return load_dataset(fmt, data_files=[str(path)], split="train", cache_dir=str(hf_cache), **options)
-    except Exception as err:  # noqa: BLE001 - the builders raise many types for bad files
-        raise DataError(f"cannot be read as {fmt} ({first_line(err)})", source=str(path)) from err
+    return resolve_component(plugins if plugins is not None else load_plugins(), "source", name).build()
 
 
-def _check_rows(name: str, rows, columns: ColumnsParams, where: str, available: list[str] | None = None) -> ColumnMap:
+def check_rows(name: str, rows, columns: ColumnsParams, where: str, available: list[str] | None = None) -> ColumnMap:
     """Validate parsed rows (``(number, dict)`` pairs); ``where`` is ``"line"``, ``"item"`` or
     ``"row"``; ``available``: the file's columns (a CSV header), else every key some row has."""
     rows = list(rows)
@@ -162,81 +180,7 @@ def _check_rows(name: str, rows, columns: ColumnsParams, where: str, available: 
     return cmap
 
 
-def _validate_json(path: Path, columns: ColumnsParams) -> ColumnMap:
-    name = str(path)
-    text = _read_text(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err.msg})", source=name, key=f"line {err.lineno}") from err
-        rows = []
-        for i, item in enumerate(items, 1):
-            if not isinstance(item, dict):
-                raise DataError("expected a JSON object", source=name, key=f"item {i}")
-            rows.append((i, item))
-        return _check_rows(name, rows, columns, "item")
-
-    def parsed():
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON ({err.msg})", source=name, key=f"line {number}") from err
-            if not isinstance(row, dict):
-                raise DataError("expected a JSON object", source=name, key=f"line {number}")
-            yield number, row
-
-    return _check_rows(name, parsed(), columns, "line")
-
-
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 text; other bytes end in one line naming the file and the offset."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not UTF-8 text ({err.reason} at byte {err.start})", source=str(path)) from None
-
-
-def _validate_csv(path: Path, columns: ColumnsParams) -> ColumnMap:
-    """Every row checked like a JSON Lines line: a row with fewer fields than the header is missing
-    the columns at its end (the CSV reader would fill them with empty strings), one with more has
-    a stray delimiter. Rows are numbered from 1 after the header, blank lines skipped."""
-    import io
-
-    name = str(path)
-    reader = csv.reader(io.StringIO(_read_text(path).removeprefix("\ufeff"), newline=""))  # a BOM is no column
-    try:
-        header = next(reader, None)
-        if not header:
-            raise DataError("no header row", source=name)
-        rows = []
-        for number, fields in enumerate((f for f in reader if f), 1):
-            if len(fields) > len(header):
-                raise DataError(f"{len(fields)} fields, but the header has {len(header)}", source=name,
-                                key=f"row {number}")
-            rows.append((number, dict(zip(header, fields))))
-    except csv.Error as err:
-        raise DataError(f"not valid CSV ({err})", source=name, key=f"line {reader.line_num}") from None
-    return _check_rows(name, rows, columns, "row", available=header)
-
-
-def _validate_parquet(path: Path, columns: ColumnsParams) -> ColumnMap:
-    import pyarrow.parquet as pq
-
-    try:
-        metadata = pq.read_metadata(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow's errors for a non-Parquet file vary
-        raise DataError(f"not a Parquet file ({first_line(err)})", source=str(path)) from err
-    if metadata.num_rows == 0:
-        raise DataError("no rows", source=str(path))
-    schema = metadata.schema.to_arrow_schema()
-    return _check_types(map_columns(columns, schema.names, str(path)), schema, str(path))
-
-
-def _check_types(cmap: ColumnMap, schema, name: str) -> ColumnMap:
+def check_types(cmap: ColumnMap, schema, name: str) -> ColumnMap:
     """The mapped columns of a typed table (Parquet, an HF dataset) hold what their roles take:
     text fields strings or numbers, ``difficulty`` integers or strings; a list or struct column
     is refused for the whole file, as a JSON file's first such value is."""
@@ -255,54 +199,12 @@ def _check_types(cmap: ColumnMap, schema, name: str) -> ColumnMap:
     return cmap
 
 
-_VALIDATORS = {"json": _validate_json, "csv": _validate_csv, "parquet": _validate_parquet}
-
-
-def hf_source(name: str, split: str, base_dir: Path, hf_cache: Path, key: str) -> Source:
-    """One split of an HF dataset: a directory written by ``save_to_disk``, a local dataset
-    directory, or a hub name (which needs the network or a filled HF cache)."""
-    local = Path(name).expanduser()
-    if not local.is_absolute():
-        local = base_dir / local
-    shown = f"{name}[{split}]"
-    offline = None
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; other bytes end in one line naming the file and the offset."""
     try:
-        if (local / "dataset_dict.json").is_file():
-            from datasets import load_from_disk
-
-            splits = load_from_disk(str(local))
-            if split not in splits:
-                raise DataError(f"split '{split}' not found (splits: {', '.join(splits)})", source=name, key=key)
-            dataset = splits[split]
-        elif (local / "state.json").is_file():
-            from datasets import load_from_disk
-
-            dataset = load_from_disk(str(local))
-        else:
-            import contextlib
-
-            from datasets import load_dataset
-
-            from srde_core.data.hub import datasets_offline, offline_reason
-
-            # a hub name: from the local cache alone where the hub cannot be used (no retries)
-            offline = None if local.is_dir() else offline_reason()
-            target = str(local) if local.is_dir() else name
-            with datasets_offline() if offline else contextlib.nullcontext():
-                dataset = load_dataset(target, split=split, cache_dir=str(hf_cache))
-    except DataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - hub, builder and split errors all end here
-        why = f"not in the local HF cache, and the hub cannot be used: {offline}" if offline else first_line(err)
-        raise DataError(f"cannot load split '{split}' ({why})", source=name, key=key) from err
-
-    def validate(columns: ColumnsParams) -> ColumnMap:
-        if len(dataset) == 0:
-            raise DataError("no rows", source=shown)
-        return _check_types(map_columns(columns, list(dataset.column_names), shown), dataset.data.schema, shown)
-
-    return Source(name=shown, identity=f"hf:{name}:{split}:{dataset._fingerprint}", load=lambda cmap: dataset,
-                  validate=validate)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text ({err.reason} at byte {err.start})", source=str(path)) from None
 
 
 def first_line(err: BaseException) -> str:

@@ -306,6 +306,16 @@ def _check_corpus(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None
                           key=format_key(where))
 
 
+def _check_format(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None:
+    """``data.format`` names a registered data format (a ``source`` component)."""
+    fmt = top.data.format
+    names = plugins.registries["source"].names()
+    if fmt not in names:
+        where = ("data", "format")
+        raise RecipeError(f"unknown data format '{fmt}'{did_you_mean(fmt, names)}; {available(names)}"
+                          f"{plugins.broken_note()}", source=layers.source_of(where), key=format_key(where))
+
+
 def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | None = None) -> Recipe:
     """Validate merged recipe data against the schema and the registries."""
     resolver = _Resolver(layers, plugins)
@@ -316,6 +326,7 @@ def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | 
         raise RecipeError("expected a table", source=layers.source_of(("plugins",)), key="plugins")
     top = resolver.params(RecipeParams, raw, ())
     _check_corpus(top, layers, plugins)
+    _check_format(top, layers, plugins)
     phases = tuple(Phase(i, core) for i, core in enumerate(top.phases))
     settings, required = _plugin_settings(raw_plugins, resolver)
     _check_phases(phases, settings, layers)

@@ -1,5 +1,8 @@
 """Generated corpora: `reasoning` (the default) and `conventions` (see :mod:`srde_plugins.data.corpora`).
 
+Data formats (`data.format`): `json` (the default), `csv`, `parquet` (:mod:`srde_plugins.data.formats`) and
+`hf` (:mod:`srde_plugins.data.hf`).
+
 Batch samplers: `shuffled` (a new permutation every epoch; the default), `curriculum` (easy first), `domain_balanced`.
 
 ``curriculum`` orders the training examples by their difficulty and lets each step
@@ -61,3 +64,11 @@ def srde_register(registry):
                  "Six domains with program-checkable answers: math, code, logic, science, planning, patterns.")
     registry.add("corpus", "conventions", "srde_plugins.data.corpora:conventions_corpus", NoParams,
                  "One digit-string prompt under seven conventions (a general domain and six tagged ones).")
+    registry.add("source", "json", "srde_plugins.data.formats:JsonFormat", NoParams,
+                 "JSON Lines (one object a line) or one JSON array of objects.")
+    registry.add("source", "csv", "srde_plugins.data.formats:CsvFormat", NoParams,
+                 "CSV with a header row; mapped columns are read as text.")
+    registry.add("source", "parquet", "srde_plugins.data.formats:ParquetFormat", NoParams,
+                 "A Parquet table; column types checked from its metadata.")
+    registry.add("source", "hf", "srde_plugins.data.hf:HFFormat", NoParams,
+                 "One split of an HF dataset per role: a save_to_disk directory, a local dataset, or a hub name.")
