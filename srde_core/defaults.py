@@ -23,6 +23,7 @@ CORE_KINDS: dict[str, tuple[str, object]] = {
     "engine": ("Owns backward, optimiser, precision, distribution and checkpoint I/O.", "srde_core.train.engine:Engine"),
     "sampler": ("Which examples make the global batch of each step.", "srde_core.data.sampler:Sampler"),
     "source": ("A data format (data.format): reads and checks a recipe's data.", "srde_core.data.sources:DataFormat"),
+    "report": ("Tables of an evaluation (srde eval, a run's loss summary): evaluation -> renderables.", CALLABLE),
     "corpus": ("A generated corpus ([data.generate]): its rows and answer checker.", "srde_core.data.corpus:Corpus"),
 }
 

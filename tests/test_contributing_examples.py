@@ -22,8 +22,8 @@ from srde_core.testing import assert_exact
 CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
 KINDS = {"selector": "every_nth", "delta": "dense", "layout": "last_layers", "router": "token_hash",
          "combine": "half_step", "loss": "hidden_energy", "scheduler": "step_decay", "schedule": "halving",
-         "sampler": "in_order", "corpus": "reversal", "source": "pipe", "trainer": "banks_only", "engine": "counting",
-         "probe": "trainable_count"}
+         "sampler": "in_order", "corpus": "reversal", "source": "pipe", "report": "domain_count",
+         "trainer": "banks_only", "engine": "counting", "probe": "trainable_count"}
 
 
 def section() -> str:

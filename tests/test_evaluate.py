@@ -18,7 +18,7 @@ from srde_core.evaluate import evaluation_state
 from srde_core.evaluate.accuracy import answer_accuracy, is_correct
 from srde_core.evaluate.generation import generate_from_run, greedy_generate
 from srde_core.evaluate.losses import domain_losses, eval_batches, eval_subset, overall_loss
-from srde_core.evaluate.report import accuracy_table, evaluate, loss_table, print_loss_summary
+from srde_core.evaluate.report import evaluate, print_loss_summary
 from srde_core.evaluate.routing import (
     RoutingCounter,
     baseline_purity,
@@ -27,6 +27,7 @@ from srde_core.evaluate.routing import (
     purity,
 )
 from srde_core.run import open_finished_run
+from srde_plugins.tracking.tables import accuracy_table, loss_table
 
 
 def open_run(run_dir):

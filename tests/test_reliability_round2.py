@@ -221,7 +221,8 @@ def test_the_adapter_is_readable_like_every_other_run_file(finished):
 def test_eval_labels_a_merged_lora_base_as_what_it_is():
     import types
 
-    from srde_core.evaluate.report import base_label, loss_table
+    from srde_core.evaluate.report import base_label
+    from srde_plugins.tracking.tables import loss_table
 
     assert base_label(types.SimpleNamespace(base=types.SimpleNamespace(id="Ministral3ForCausalLM:from-config"))) == "base"
     merged = types.SimpleNamespace(base=types.SimpleNamespace(id="Ministral3ForCausalLM:pretrained-ab+peft-lora"))

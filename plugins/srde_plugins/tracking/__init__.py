@@ -14,7 +14,8 @@ run, each SRDE layer's expert x domain routing on the eval rows goes to the trac
 (``eval/routing_layer<L>``; needs matplotlib). A tracker that fails
 to start stops the run with one line, unless ``on_error = "continue"``, which warns once and goes on.
 
-``srde eval RUN_DIR --plots`` writes the components of the ``plots`` kind (declared here): the
+``srde eval`` and a run's loss summary print the tables of the ``report`` component ``tables``
+(:mod:`srde_plugins.tracking.tables`). ``srde eval RUN_DIR --plots`` writes the components of the ``plots`` kind (declared here): the
 built-in ``png`` makes PNG figures in ``RUN_DIR/plots/`` (:mod:`srde_plugins.tracking.plots`).
 """
 
@@ -55,6 +56,8 @@ def srde_add_kinds(kinds):
 
 @hookimpl
 def srde_register(registry):
+    registry.add("report", "tables", "srde_plugins.tracking.tables:tables", NoParams,
+                 "The eval tables: loss and answer accuracy per domain (base vs SRDE), expert x domain load, purity per layer.")
     registry.add("plots", "png", "srde_plugins.tracking.plots:writer", NoParams,
                  "PNG figures in RUN_DIR/plots: training curves, routing heatmaps, router load, density, curriculum.")
     registry.settings("tensorboard", TensorBoardParams, "TensorBoard event files of every logged step.")
