@@ -4,6 +4,7 @@
     srde validate RECIPE [--set ...]        srde show RECIPE [--set ...] [--json]
     srde list-plugins [--json]               srde plan RECIPE [--gpus N] [--gpu-memory GIB]
     srde eval RUN_DIR [--json]              srde generate RUN_DIR --prompt TEXT
+    and the plugins' commands (``srde_add_commands``), e.g. srde lm-eval RUN_DIR --tasks T[,T]
 
 Every error ends in one line on stderr, ``srde: error: ...``, and an exit status: 2 for what the
 user wrote (the recipe, data, the command line, a plugin that fails to load), 1 for what could not
@@ -222,28 +223,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_lm_eval(args) -> int:
-    from srde_core.evaluate.harness import evaluate_with_harness
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    results = evaluate_with_harness(args.run_dir, tasks, experts=not args.no_experts, limit=args.limit,
-                                    batch_size=args.batch_size, include_path=args.include_path)
-    scores = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in results["results"].items()}
-    if args.json:
-        print(json.dumps({"experts": not args.no_experts, "results": scores}, indent=2))
-    else:
-        from lm_eval.utils import make_table
-
-        print(make_table(results))
-    return 0
-
-
 DEBUG_HELP = "show the full traceback of an error instead of its one line"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins=None) -> argparse.ArgumentParser:
+    """The parser of every command, the plugins' (``srde_add_commands``) after ``eval``."""
     parser = _Parser(prog="srde", description="Sparse Routed Delta Experts on a frozen LLM.")
     parser.add_argument("--version", action="version", version=f"srde {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -282,15 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action="store_true", help="also write PNG figures into RUN_DIR/plots (needs matplotlib)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("lm-eval", help="score a run with EleutherAI's lm-evaluation-harness (experts on or off)")
-    p.add_argument("run_dir")
-    p.add_argument("--tasks", required=True, help="comma-separated; local: srde_corpus_gen, srde_corpus_ll")
-    p.add_argument("--no-experts", action="store_true", help="score the base model alone")
-    p.add_argument("--limit", type=int, default=None, help="examples per task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--include-path", default=None, help="a directory of your own task YAMLs")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_lm_eval)
+    if plugins is None:
+        from srde_core.plugins import load_plugins
+
+        plugins = load_plugins()
+    plugins.hook.srde_add_commands(subparsers=sub)  # e.g. lm-eval (the tracking plugin's)
 
     p = sub.add_parser("generate", help="generate text with a run's model and experts")
     p.add_argument("run_dir")

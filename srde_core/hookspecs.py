@@ -18,6 +18,7 @@ The ``run`` argument is the :class:`srde_core.run.RunContext` of the run in prog
 
 from __future__ import annotations
 
+import argparse
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,18 @@ def srde_register(registry: ProviderRegistrar) -> None:
         ``registry.settings(name, params, summary)`` for a ``[plugins.NAME]`` recipe table.
     Nothing is returned. A plugin whose registration raises is reported as broken and none of its
     components are registered.
+    """
+
+
+@hookspec
+def srde_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add commands to the ``srde`` command line (``srde lm-eval`` is the tracking plugin's).
+
+    Called when the command line builds its parser, before it reads the arguments. ``subparsers.add_parser(name,
+    help=...)`` returns a parser whose mistakes are one line (exit status 2);
+    ``parser.set_defaults(func=handler)``: ``handler(args)`` returns the exit status and raises an
+    SRDEError (a UsageError for a bad argument) for one line. Import nothing heavy here (``srde
+    --help`` does not import torch). Return None.
     """
 
 

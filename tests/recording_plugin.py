@@ -62,6 +62,13 @@ class Recorder:
         registry.settings(NAME, RecorderSettings, "Options of the recording test plugin.")
         self._record("srde_register", provider=registry.provider)
 
+    @hookimpl
+    def srde_add_commands(self, subparsers):
+        parser = subparsers.add_parser("recorded", help="print the recorder's tag")
+        parser.add_argument("--tag", default=None)
+        parser.set_defaults(func=lambda args: print(f"recorded {args.tag}") or 0)
+        self._record("srde_add_commands")
+
     # -- run set-up ------------------------------------------------------------------------------
 
     @hookimpl

@@ -108,3 +108,16 @@ def test_the_example_format_reads_its_file_and_names_a_bad_line(example, tmp_pat
     with pytest.raises(DataError, match=r"bad.txt: line 2: column 'answer' missing"):
         load_data(DataParams(format="pipe", train_files=["bad.txt"]), tokenizer, tmp_path / "cache",
                   base_dir=tmp_path, plugins=plugins)
+
+
+def test_the_example_command_is_on_the_command_line(example, tmp_path, capsys):
+    from srde_core.cli import build_parser
+
+    _, plugins = example
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    parser = build_parser(plugins)
+    args = parser.parse_args(["count-lines", str(tmp_path), "--at-least", "3"])
+    assert args.func(args) == 1 and capsys.readouterr().out == "2 metrics lines\n"
+    with pytest.raises(SystemExit) as mistake:
+        parser.parse_args(["count-lines", str(tmp_path), "--at-least", "many"])
+    assert mistake.value.code == 2 and "argument --at-least: invalid int value: 'many'" in capsys.readouterr().err

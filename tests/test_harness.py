@@ -41,7 +41,7 @@ def test_experts_on_and_off_give_different_loglikelihoods(scores):
 def test_the_loglikelihood_is_the_models_own(micro_run):
     import torch
 
-    from srde_core.evaluate.harness import SRDELM
+    from srde_plugins.tracking.harness import SRDELM
 
     lm = SRDELM(str(micro_run), experts=True)
     context, continuation = lm.tok_encode("Q: 1 + 1?\nA:"), lm.tok_encode(" 2", add_special_tokens=False)
@@ -58,3 +58,15 @@ def test_an_unknown_task_is_one_line(micro_run, capsys):
     assert main(["lm-eval", str(micro_run), "--tasks", "srde_corpus_typo", "--limit", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown lm-eval task(s) srde_corpus_typo" in err[0]
+
+
+def test_lm_eval_is_the_tracking_plugins_command(capsys):
+    from srde_core.cli import build_parser
+    from srde_core.plugins import load_plugins
+
+    def commands(plugins):
+        return list(build_parser(plugins)._subparsers._group_actions[0].choices)
+
+    assert commands(load_plugins()) == ["run", "validate", "show", "plan", "list-plugins", "eval", "lm-eval", "generate"]
+    assert "lm-eval" not in commands(load_plugins(entry_points=[]))  # the core alone has no lm-eval
+    assert main(["lm-eval", "--help"]) == 0 and "--include-path INCLUDE_PATH" in capsys.readouterr().out

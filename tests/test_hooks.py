@@ -218,4 +218,20 @@ def test_every_hookspec_is_implemented_and_seen_called(full, resumed):
     assert len(specs) >= 13
     assert specs <= {name for name in dir(Recorder) if name.startswith("srde_")}
     recorded = set(full[0].names()) | set(resumed[0].names()) | set(resumed[1].names())
-    assert specs - recorded == set(), "hookspecs never called in a run"
+    assert specs - recorded == COMMAND_LINE_HOOKS, "hookspecs never called in a run"
+
+
+COMMAND_LINE_HOOKS = {"srde_add_commands"}  # called by the command line, not by a run
+
+
+def test_add_commands_gives_the_command_line_a_plugins_command(capsys):
+    from srde_core.cli import build_parser
+
+    recorder = Recorder()
+    parser = build_parser(load_plugins(extra=[(NAME, recorder)]))
+    assert recorder.of("srde_add_commands") == [{}]
+    args = parser.parse_args(["recorded", "--tag", TAG])
+    assert args.func(args) == 0 and capsys.readouterr().out == f"recorded {TAG}\n"
+    with pytest.raises(SystemExit) as mistake:  # the plugin's parser makes one-line mistakes, exit 2
+        parser.parse_args(["recorded", "--bogus"])
+    assert mistake.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -17,6 +17,9 @@ to start stops the run with one line, unless ``on_error = "continue"``, which wa
 ``srde eval`` and a run's loss summary print the tables of the ``report`` component ``tables``
 (:mod:`srde_plugins.tracking.tables`). ``srde eval RUN_DIR --plots`` writes the components of the ``plots`` kind (declared here): the
 built-in ``png`` makes PNG figures in ``RUN_DIR/plots/`` (:mod:`srde_plugins.tracking.plots`).
+
+``srde lm-eval RUN_DIR --tasks T[,T]`` (added here through ``srde_add_commands``) scores a run with
+EleutherAI's lm-evaluation-harness (:mod:`srde_plugins.tracking.harness`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ class WandbParams(TrackerParams):
 def srde_add_kinds(kinds):
     kinds.add("plots", "Figures of a finished run (`srde eval --plots`): (run_dir, evaluation) -> written paths.",
               contract=CALLABLE)
+
+
+@hookimpl
+def srde_add_commands(subparsers):
+    from srde_plugins.tracking.commands import add_lm_eval
+
+    add_lm_eval(subparsers)
 
 
 @hookimpl

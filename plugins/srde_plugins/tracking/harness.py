@@ -1,10 +1,11 @@
 """EleutherAI's lm-evaluation-harness for SRDE runs (``pip install 'srde[lm-eval]'``).
 
-``srde lm-eval RUN_DIR --tasks TASK[,TASK]`` evaluates a finished run through the harness's Python
-API, with the experts on or off (``--no-experts``: the base model). Importing this module also
-registers the model type ``srde`` with the harness, so from Python::
+``srde lm-eval RUN_DIR --tasks TASK[,TASK]`` (the command: :mod:`srde_plugins.tracking.commands`)
+evaluates a finished run through the harness's Python API, with the experts on or off
+(``--no-experts``: the base model). Importing this module also registers the model type ``srde``
+with the harness, so from Python::
 
-    import srde_core.evaluate.harness, lm_eval
+    import srde_plugins.tracking.harness, lm_eval
     lm_eval.simple_evaluate(model="srde", model_args="run_dir=runs/tiny,experts=false", tasks=["..."])
 
 Two local tasks over the run's own eval rows need no network: ``srde_corpus_gen`` (greedy answer,
