@@ -177,14 +177,14 @@ def cmd_plan(args) -> int:
         raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
     if not 0 < args.gpu_memory < float("inf"):  # also refuses nan
         raise UsageError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
-    recipe, _ = _load(args)
+    recipe, plugins = _load(args)
     from srde_core.plan import plan_memory, print_plan
 
     vocab = None
     if not recipe.model.name_or_path and "vocab_size" not in recipe.model.config:
         from srde_core.data.loading import recipe_tokenizer
 
-        vocab = recipe_tokenizer(recipe).vocab_size
+        vocab = recipe_tokenizer(recipe, plugins).vocab_size
     plan = plan_memory(recipe, gpus=args.gpus, phase=args.phase, tokenizer_vocab=vocab)
     print_plan(plan, _console(), gpu_memory_gib=args.gpu_memory)
     return 0

@@ -24,6 +24,7 @@ CORE_KINDS: dict[str, tuple[str, object]] = {
     "sampler": ("Which examples make the global batch of each step.", "srde_core.data.sampler:Sampler"),
     "source": ("A data format (data.format): reads and checks a recipe's data.", "srde_core.data.sources:DataFormat"),
     "report": ("Tables of an evaluation (srde eval, a run's loss summary): evaluation -> renderables.", CALLABLE),
+    "tokenizer": ("A tokenizer kind (tokenizer.kind): loads the recipe's tokenizer.", "srde_core.data.tokenizer:TokenizerKind"),
     "corpus": ("A generated corpus ([data.generate]): its rows and answer checker.", "srde_core.data.corpus:Corpus"),
 }
 

@@ -22,8 +22,8 @@ from srde_core.testing import assert_exact
 CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
 KINDS = {"selector": "every_nth", "delta": "dense", "layout": "last_layers", "router": "token_hash",
          "combine": "half_step", "loss": "hidden_energy", "scheduler": "step_decay", "schedule": "halving",
-         "sampler": "in_order", "corpus": "reversal", "source": "pipe", "report": "domain_count",
-         "trainer": "banks_only", "engine": "counting", "probe": "trainable_count"}
+         "sampler": "in_order", "corpus": "reversal", "source": "pipe", "tokenizer": "bytes",
+         "report": "domain_count", "trainer": "banks_only", "engine": "counting", "probe": "trainable_count"}
 
 
 def section() -> str:
@@ -121,3 +121,14 @@ def test_the_example_command_is_on_the_command_line(example, tmp_path, capsys):
     with pytest.raises(SystemExit) as mistake:
         parser.parse_args(["count-lines", str(tmp_path), "--at-least", "many"])
     assert mistake.value.code == 2 and "argument --at-least: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_the_example_tokenizer_kind_round_trips_utf8(example):
+    from srde_core.data.params import TokenizerParams
+    from srde_core.data.tokenizer import load_tokenizer
+
+    _, plugins = example
+    tokenizer = load_tokenizer(TokenizerParams(kind="bytes"), plugins=plugins)
+    ids = tokenizer.encode("Q: café?", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and len(ids) == len("Q: café?".encode()) + 2
+    assert tokenizer.decode(ids) == "Q: café?" and tokenizer.fingerprint == "bytes:1"

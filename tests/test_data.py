@@ -24,7 +24,7 @@ from srde_core.data import (
     load_tokenizer,
 )
 from srde_plugins.data.corpora import DOMAINS
-from srde_core.data.tokenizer import mistral_common_data_dir
+from srde_plugins.data.tokenizers import mistral_common_data_dir
 from srde_core.errors import DataError
 
 V3 = "mistral_instruct_tokenizer_240323.model.v3"

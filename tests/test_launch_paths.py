@@ -62,7 +62,7 @@ def test_a_files_paths_resolve_against_its_own_directory(plugins, elsewhere, tmp
 
 
 def test_tokenizer_from_a_local_checkpoint(plugins, elsewhere):
-    from srde_core.data.tokenizer import mistral_common_data_dir
+    from srde_plugins.data.tokenizers import mistral_common_data_dir
 
     checkpoint = elsewhere / "checkpoints" / "Ministral-3-14B-Reasoning-2512"
     checkpoint.mkdir(parents=True)

@@ -30,7 +30,7 @@ def test_the_core_declares_its_kinds_each_with_a_contract():
     registries = Registries()
     assert set(registries.kinds) == {
         "selector", "delta", "layout", "router", "combine", "loss", "scheduler", "schedule", "trainer", "engine", "sampler",
-        "corpus", "source", "report",
+        "corpus", "source", "report", "tokenizer",
     }
     assert all(r.spec.contract is not None for r in registries.kinds.values())
 

@@ -165,7 +165,7 @@ def write_jsonl(path: Path, items: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    from srde_core.data.tokenizer import mistral_common_data_dir
+    from srde_plugins.data.tokenizers import mistral_common_data_dir
 
     directory = tmp_path_factory.mktemp("reliability")
     write_jsonl(directory / "data" / "train.jsonl", rows(24))
@@ -272,7 +272,7 @@ def test_resume_after_the_data_changed_is_refused_and_never_caches_a_base(finish
         assert "resuming would go on training on other data" in line
         assert base_cache(cwd) == set()  # nothing trained on the old data went under the new data's key
 
-        from srde_core.data.tokenizer import mistral_common_data_dir
+        from srde_plugins.data.tokenizers import mistral_common_data_dir
 
         train.write_bytes(original)
         tokenizer.write_bytes((mistral_common_data_dir() / "mistral_instruct_tokenizer_240216.model.v2").read_bytes())

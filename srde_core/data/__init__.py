@@ -26,6 +26,7 @@ _EXPORTS = {
     "TokenizerParams": "params",
     "resolve_paths": "sources",
     "Tokenizer": "tokenizer",
+    "TokenizerKind": "tokenizer",
     "load_tokenizer": "tokenizer",
 }
 

@@ -20,7 +20,7 @@ def load_run_data(run):
     from srde_core.data.tokenizer import load_tokenizer
 
     recipe = run.recipe
-    tokenizer = recipe_tokenizer(recipe)
+    tokenizer = recipe_tokenizer(recipe, run.plugins)
     bundle = load_data(data_with_paths(recipe), tokenizer, recipe.cache_dir, base_dir=recipe.base_for("data.hf_name"),
                        plugins=run.plugins)
     state = "cached" if bundle.cache_hit else "tokenised"
@@ -35,7 +35,7 @@ def load_run_data(run):
     return tokenizer, bundle
 
 
-def recipe_tokenizer(recipe):
+def recipe_tokenizer(recipe, plugins=None):
     """The tokenizer of ``recipe``: its ``[tokenizer]`` table, paths from where the recipe set them;
     ``from_model`` reads the model's own tokenizer file (its local directory, or the hub id's)."""
     from srde_core.data.tokenizer import load_tokenizer
@@ -46,7 +46,7 @@ def recipe_tokenizer(recipe):
 
         model = model_location(recipe)
     return load_tokenizer(recipe.tokenizer, base_dir=recipe.base_for("tokenizer.file"), source=str(recipe.path),
-                          model=model)
+                          model=model, plugins=plugins)
 
 
 def data_with_paths(recipe):

@@ -11,9 +11,8 @@ from srde_core.params import Params
 
 
 class TokenizerParams(Params):
-    kind: Literal["mistral-common", "hf"] = Field(
-        "mistral-common", description="mistral-common tokenizer file, or an HF tokenizer"
-    )
+    kind: str = Field("mistral-common", min_length=1, description="a `tokenizer` component: mistral-common (a "
+                      "tokenizer file), hf (an HF tokenizer), or a plugin's")
     file: str = Field(
         "mistral_instruct_tokenizer_240323.model.v3",
         description="mistral-common: a path, or the name of a file shipped in mistral_common/data",

@@ -83,7 +83,7 @@ def _check_model(recipe: Any, plugins: Any, source: str) -> None:
         if negative:
             raise RecipeError(f"{negative[0]} must not be negative (got {sizes[negative[0]]})", source=source,
                               key="model.config")
-    _check_vocabulary(recipe, source)
+    _check_vocabulary(recipe, source, plugins)
     attention = spec.attn_implementation
     for extra in plugins.hook.srde_model_load_kwargs(recipe=recipe):
         attention = (extra or {}).get("attn_implementation", attention)
@@ -100,7 +100,7 @@ def _check_model(recipe: Any, plugins: Any, source: str) -> None:
                               f"{config.num_hidden_layers} layers", source=source, key="srde.layout")
 
 
-def _check_vocabulary(recipe: Any, source: str) -> None:
+def _check_vocabulary(recipe: Any, source: str, plugins: Any = None) -> None:
     """A ``model.config.vocab_size`` below the tokenizer's vocabulary: ids past the embedding would
     fail in the first forward. Decided where the tokenizer is on this machine (a file, a shipped
     one, a local directory); a hub tokenizer is left to the run."""
@@ -115,7 +115,7 @@ def _check_vocabulary(recipe: Any, source: str) -> None:
     from srde_core.data.loading import recipe_tokenizer
 
     try:
-        tokenizer = recipe_tokenizer(recipe)
+        tokenizer = recipe_tokenizer(recipe, plugins)
     except SRDEError:  # a tokenizer that does not load is the run's to name
         return
     check_vocab_size(vocab, tokenizer.vocab_size, source)

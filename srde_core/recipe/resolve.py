@@ -316,6 +316,16 @@ def _check_format(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None
                           f"{plugins.broken_note()}", source=layers.source_of(where), key=format_key(where))
 
 
+def _check_tokenizer(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None:
+    """``tokenizer.kind`` names a registered tokenizer kind (a ``tokenizer`` component)."""
+    kind = top.tokenizer.kind
+    names = plugins.registries["tokenizer"].names()
+    if kind not in names:
+        where = ("tokenizer", "kind")
+        raise RecipeError(f"unknown tokenizer kind '{kind}'{did_you_mean(kind, names)}; {available(names)}"
+                          f"{plugins.broken_note()}", source=layers.source_of(where), key=format_key(where))
+
+
 def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | None = None) -> Recipe:
     """Validate merged recipe data against the schema and the registries."""
     resolver = _Resolver(layers, plugins)
@@ -327,6 +337,7 @@ def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | 
     top = resolver.params(RecipeParams, raw, ())
     _check_corpus(top, layers, plugins)
     _check_format(top, layers, plugins)
+    _check_tokenizer(top, layers, plugins)
     phases = tuple(Phase(i, core) for i, core in enumerate(top.phases))
     settings, required = _plugin_settings(raw_plugins, resolver)
     _check_phases(phases, settings, layers)

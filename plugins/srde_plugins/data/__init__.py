@@ -3,6 +3,9 @@
 Data formats (`data.format`): `json` (the default), `csv`, `parquet` (:mod:`srde_plugins.data.formats`) and
 `hf` (:mod:`srde_plugins.data.hf`).
 
+Tokenizer kinds (``tokenizer.kind``): ``mistral-common`` (the default) and ``hf``
+(:mod:`srde_plugins.data.tokenizers`).
+
 Batch samplers: `shuffled` (a new permutation every epoch; the default), `curriculum` (easy first), `domain_balanced`.
 
 ``curriculum`` orders the training examples by their difficulty and lets each step
@@ -64,6 +67,10 @@ def srde_register(registry):
                  "Six domains with program-checkable answers: math, code, logic, science, planning, patterns.")
     registry.add("corpus", "conventions", "srde_plugins.data.corpora:conventions_corpus", NoParams,
                  "One digit-string prompt under seven conventions (a general domain and six tagged ones).")
+    registry.add("tokenizer", "mistral-common", "srde_plugins.data.tokenizers:MistralCommonKind", NoParams,
+                 "A tokenizer file read by mistral-common (the shipped v3 by default, a path, a checkpoint, from_model).")
+    registry.add("tokenizer", "hf", "srde_plugins.data.tokenizers:HFKind", NoParams,
+                 "A transformers AutoTokenizer: a local directory, or a hub id where the network allows.")
     registry.add("source", "json", "srde_plugins.data.formats:JsonFormat", NoParams,
                  "JSON Lines (one object a line) or one JSON array of objects.")
     registry.add("source", "csv", "srde_plugins.data.formats:CsvFormat", NoParams,
