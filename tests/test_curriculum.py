@@ -95,7 +95,7 @@ BASE_LOSS = ['phases.rl.trainer="joint"', "phases.rl.batch_size=8", "phases.rl.s
 @pytest.fixture
 def counted(monkeypatch):
     """How many times the base model's per-example losses were computed (not read from the cache)."""
-    from srde_core.data import scores
+    from srde_plugins.data import scores
 
     calls = []
     real = scores._compute

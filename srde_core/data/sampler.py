@@ -6,7 +6,7 @@ at batch ``W*b`` sees exactly the examples that ``W`` processes at batch ``b`` s
 must be a pure function of its arguments: a resumed run replays it from the saved step, which is
 what makes resumption exact (curricula included). A sampler that orders examples by something the
 data does not hold computes it in ``prepare`` (e.g. the base model's loss per example, through
-:func:`srde_core.data.scores.base_example_scores`, cached so a resumed run reads the same numbers).
+:func:`srde_plugins.data.scores.base_example_scores`, cached so a resumed run reads the same numbers).
 """
 
 from __future__ import annotations

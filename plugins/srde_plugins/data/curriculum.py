@@ -51,7 +51,7 @@ class CurriculumSampler(Sampler):
     def prepare(self, run, phase) -> None:
         """With ``difficulty = "base_loss"``, or ``"auto"`` on data without a varying difficulty
         column: each training example's mean per-token loss under the base model (cached)."""
-        from srde_core.data.scores import base_example_scores
+        from srde_plugins.data.scores import base_example_scores
 
         mode = self.params.difficulty
         if mode == "column" or (mode == "auto" and _column(run.data.train) is not None):

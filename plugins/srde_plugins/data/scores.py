@@ -1,4 +1,5 @@
-"""Per-example scores of the training set under the base model, computed once and cached.
+"""Per-example scores of the training set under the base model, computed once and cached (the
+``curriculum`` sampler's ``difficulty = "base_loss"``).
 
 A component that needs a number per training example that only the model can give (a curriculum's
 difficulty as the base model's loss, a filter's perplexity) asks for it with
