@@ -2,9 +2,10 @@
 
     srde run RECIPE [--set key=value ...] [--resume | --fresh]     (RECIPE: a file or srde:NAME)
     srde validate RECIPE [--set ...]        srde show RECIPE [--set ...] [--json]
-    srde list-plugins [--json]               srde plan RECIPE [--gpus N] [--gpu-memory GIB]
-    srde eval RUN_DIR [--json]              srde generate RUN_DIR --prompt TEXT
-    and the plugins' commands (``srde_add_commands``), e.g. srde lm-eval RUN_DIR --tasks T[,T]
+    srde list-plugins [--json]               srde eval RUN_DIR [--json]
+    srde generate RUN_DIR --prompt TEXT
+    and the plugins' commands (``srde_add_commands``): srde plan RECIPE [--gpus N] [--gpu-memory GIB]
+    (the runtime plugin's), srde lm-eval RUN_DIR --tasks T[,T] (the tracking plugin's)
 
 Every error ends in one line on stderr, ``srde: error: ...``, and an exit status: 2 for what the
 user wrote (the recipe, data, the command line, a plugin that fails to load), 1 for what could not
@@ -172,24 +173,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    if args.gpus < 1:
-        raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
-    if not 0 < args.gpu_memory < float("inf"):  # also refuses nan
-        raise UsageError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory}")
-    recipe, plugins = _load(args)
-    from srde_core.plan import plan_memory, print_plan
-
-    vocab = None
-    if not recipe.model.name_or_path and "vocab_size" not in recipe.model.config:
-        from srde_core.data.loading import recipe_tokenizer
-
-        vocab = recipe_tokenizer(recipe, plugins).vocab_size
-    plan = plan_memory(recipe, gpus=args.gpus, phase=args.phase, tokenizer_vocab=vocab)
-    print_plan(plan, _console(), gpu_memory_gib=args.gpu_memory)
-    return 0
-
-
 def _write_plots(run_dir, evaluation) -> list[Path]:
     """What every ``plots`` component writes for the run (the built-in tracking plugin's ``png``)."""
     from srde_core.params import NoParams
@@ -226,8 +209,20 @@ def cmd_generate(args) -> int:
 DEBUG_HELP = "show the full traceback of an error instead of its one line"
 
 
+def _move_after(sub, name: str, after: str) -> None:
+    """List the command ``name`` (a plugin's, if one adds it) right after ``after``: in the help and the choices."""
+    if name not in sub.choices:
+        return
+    names = [n for n in sub.choices if n != name]
+    names.insert(names.index(after) + 1, name)
+    parsers = dict(sub.choices)
+    sub.choices.clear()  # the same dict as the one add_parser fills
+    sub.choices.update((n, parsers[n]) for n in names)
+    sub._choices_actions.sort(key=lambda action: names.index(action.dest))
+
+
 def build_parser(plugins=None) -> argparse.ArgumentParser:
-    """The parser of every command, the plugins' (``srde_add_commands``) after ``eval``."""
+    """The parser of every command, the plugins' (``srde_add_commands``) after ``eval`` (``plan`` after ``show``)."""
     parser = _Parser(prog="srde", description="Sparse Routed Delta Experts on a frozen LLM.")
     parser.add_argument("--version", action="version", version=f"srde {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -248,13 +243,6 @@ def build_parser(plugins=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("plan", help="memory per GPU of a recipe's training (model on the meta device, no download)")
-    _add_recipe_args(p)
-    p.add_argument("--gpus", type=int, default=1, help="GPUs the engine shards over (default 1)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory of one GPU, GiB (default 80)")
-    p.add_argument("--phase", default=None, help="the phase to plan (default: the last)")
-    p.set_defaults(func=cmd_plan)
-
     p = sub.add_parser("list-plugins", help="list plugins and the components they provide")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list_plugins)
@@ -270,7 +258,7 @@ def build_parser(plugins=None) -> argparse.ArgumentParser:
         from srde_core.plugins import load_plugins
 
         plugins = load_plugins()
-    plugins.hook.srde_add_commands(subparsers=sub)  # e.g. lm-eval (the tracking plugin's)
+    plugins.hook.srde_add_commands(subparsers=sub)  # plan (the runtime plugin's), lm-eval (the tracking plugin's)
 
     p = sub.add_parser("generate", help="generate text with a run's model and experts")
     p.add_argument("run_dir")
@@ -278,6 +266,7 @@ def build_parser(plugins=None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-experts", action="store_true", help="use the base model alone")
     p.set_defaults(func=cmd_generate)
+    _move_after(sub, "plan", "show")  # where the help has always listed it
     for command in sub.choices.values():  # also accepted after the command: srde run x.toml --debug
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     # The deepspeed launcher (and torch.distributed.launch) pass --local_rank=N before the command.

@@ -24,12 +24,12 @@ from test_plan import PeakMemory  # noqa: E402
 from srde_core.dist import Dist  # noqa: E402
 from srde_core.model.architectures import text_config  # noqa: E402
 from srde_core.model.build import attach_recipe_experts, enable_checkpointing, model_class  # noqa: E402
-from srde_core.plan import model_config, plan_memory  # noqa: E402
 from srde_core.plugins import load_plugins  # noqa: E402
 from srde_core.recipe import load_recipe  # noqa: E402
 from srde_core.train.driver import TrainingTarget  # noqa: E402
 from srde_core.train.engine import OptimizerSpec  # noqa: E402
 from srde_core.train.losses import LossInputs  # noqa: E402
+from srde_plugins.runtime.plan import model_config, plan_memory  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

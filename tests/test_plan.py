@@ -18,10 +18,10 @@ from torch.utils._pytree import tree_flatten
 
 from srde_core.cli import main
 from srde_core.model.build import attach_recipe_experts, model_class
-from srde_core.plan import meta_model, model_config, plan_memory
 from srde_core.plugins import load_plugins
 from srde_core.recipe import load_recipe
 from srde_core.train.losses import LossInputs
+from srde_plugins.runtime.plan import meta_model, model_config, plan_memory
 
 HERE = Path(__file__).parent
 MICRO = str(HERE / "recipes" / "micro.toml")
@@ -282,3 +282,16 @@ def test_the_meta_model_counts_a_learned_selectors_state(delta):
     assert names[0] == names[1] and names[0]
     buffers = [sum(b.numel() * b.element_size() for b in m.buffers()) for m in (meta, real)]
     assert buffers[0] >= buffers[1]
+
+
+def test_plan_is_the_runtime_plugins_command(capsys):
+    from srde_core.cli import build_parser
+
+    def commands(plugins):
+        return build_parser(plugins)._subparsers._group_actions[0].choices
+
+    every = commands(load_plugins())
+    assert list(every) == ["run", "validate", "show", "plan", "list-plugins", "eval", "lm-eval", "generate"]
+    assert every["plan"].get_default("func").__module__ == "srde_plugins.runtime.commands"
+    assert "plan" not in commands(load_plugins(entry_points=[]))  # the core alone has no plan
+    assert main(["plan", "--help"]) == 0 and "--gpu-memory GIB" in capsys.readouterr().out

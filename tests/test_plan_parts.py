@@ -13,8 +13,8 @@ from pydantic import Field
 from srde_core.hookspecs import hookimpl
 from srde_core.model.components import DeltaBank, DeltaType
 from srde_core.params import Params
-from srde_core.plan import plan_memory
 from srde_core.recipe import load_recipe
+from srde_plugins.runtime.plan import plan_memory
 
 VOCAB = 256
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from conftest import RECIPES
 
-from srde_core.plan import plan_memory
 from srde_core.plugins import load_plugins
 from srde_core.recipe import load_recipe
+from srde_plugins.runtime.plan import plan_memory
 
 
 def rl_plan(reference: str):

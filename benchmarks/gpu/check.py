@@ -190,9 +190,9 @@ def variant_recipe(name: str, s: dict[str, Any], work: Path, data: tuple[Path, P
 def plan_of(path: Path) -> dict[str, Any]:
     """`srde plan` of the recipe on one GPU: the whole run (the peak over phases and transitions)
     and each phase alone, in bytes."""
-    from srde_core.plan import plan_memory
     from srde_core.plugins import load_plugins
     from srde_core.recipe import load_recipe
+    from srde_plugins.runtime.plan import plan_memory
 
     recipe = load_recipe(path, load_plugins())
 

@@ -61,7 +61,7 @@ def _check_model(recipe: Any, plugins: Any, source: str) -> None:
     import torch
 
     from srde_core.model.build import model_class
-    from srde_core.plan import model_config
+    from srde_core.model.config import model_config
 
     spec = recipe.model
     with _as_recipe_error(source, "model.architecture"):

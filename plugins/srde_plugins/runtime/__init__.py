@@ -10,6 +10,9 @@ CPU, nccl on GPUs.
 Each process trains on its share of every global batch (``batch_size`` per process); gradients
 are averaged over processes before the optimiser step, so N processes at batch b train like one
 process at batch N*b. Only the main process writes the run directory.
+
+``srde plan RECIPE [--gpus N]`` (added here through ``srde_add_commands``) prints the memory per GPU of
+a recipe's training as its engine lays it out (:mod:`srde_plugins.runtime.plan`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ class DeepSpeedParams(Params):
         "torch", description="with one process ZeRO shards nothing and only adds an fp32 master copy and buckets: "
         "'torch' trains as engine 'torch' there (unless an offload is asked for), 'zero' keeps ZeRO",
     )
+
+
+@hookimpl
+def srde_add_commands(subparsers):
+    from srde_plugins.runtime.commands import add_plan
+
+    add_plan(subparsers)
 
 
 @hookimpl
