@@ -47,7 +47,7 @@ def hf_source(name: str, split: str, base_dir: Path, hf_cache: Path, key: str) -
         else:
             from datasets import load_dataset
 
-            from srde_core.data.hub import datasets_offline, offline_reason
+            from srde_plugins.data.hub import datasets_offline, offline_reason
 
             # a hub name: from the local cache alone where the hub cannot be used (no retries)
             offline = None if local.is_dir() else offline_reason()

@@ -122,7 +122,7 @@ def _model_tokenizer_file(model: str | None, source: str | None) -> Path:
         return found
     from huggingface_hub import hf_hub_download
 
-    from srde_core.data.hub import offline_reason
+    from srde_plugins.data.hub import offline_reason
 
     # The local HF cache first; the network only where it is not switched off (HF_HUB_OFFLINE) and
     # the hub answers, so an offline machine gets its one line at once instead of after retries.
@@ -181,7 +181,7 @@ class HFKind(TokenizerKind):
             local = base_dir / local
         offline = None
         if not local.exists():  # a hub id: the local HF cache only where the hub cannot be used
-            from srde_core.data.hub import offline_reason
+            from srde_plugins.data.hub import offline_reason
 
             offline = offline_reason()
         try:
