@@ -1,4 +1,4 @@
-"""Dynamic sparsity (`srde_plugins.dynamic`): per-token entry budgets from the context or a
+"""Dynamic sparsity (`srde_plugins.deltas.sparse.dynamic`): per-token entry budgets from the context or a
 difficulty head, exact against the dense reference at every budget, fewer entries at lower budgets,
 and a head that learns the data's difficulty."""
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import srde_plugins.dynamic  # noqa: F401  (the plugin's package: the meta-test looks for its import)
+import srde_plugins.deltas.sparse.dynamic  # noqa: F401  (the plugin's package: the meta-test looks for its import)
 from srde_core.model.components import BankCall
 from srde_core.model.context import ForwardContext
 from srde_core.model.routing import Routing
 from srde_core.train.losses import LossInputs
-from srde_plugins.dynamic import DifficultyLossParams, DynamicSparseParams
-from srde_plugins.dynamic import bank as dynamic_bank
-from srde_plugins.dynamic.loss import difficulty
+from srde_plugins.deltas.sparse.dynamic import DifficultyLossParams, DynamicSparseParams
+from srde_plugins.deltas.sparse.dynamic import bank as dynamic_bank
+from srde_plugins.deltas.sparse.dynamic.loss import difficulty
 
 OUT, IN, EXPERTS, TOP_K, TOKENS = 24, 20, 4, 2, 11
 

@@ -81,7 +81,7 @@ def srde_run_header(recipe):
 
 @hookimpl
 def srde_register(registry):
-    here = "srde_plugins.dynamic"
+    here = "srde_plugins.deltas.sparse.dynamic"
     registry.add(
         "delta", "dynamic_sparse", f"{here}.bank:DynamicSparseDelta", DynamicSparseParams,
         "Sparse deltas whose per-token entry budget (min..max density) comes from the context or a difficulty head.",

@@ -22,7 +22,7 @@ from torch import nn
 from srde_core.model.components import BankCall, DeltaType, Selector
 from srde_plugins.deltas.sparse.bank import SparseDeltaBank, position_count, select_positions
 from srde_plugins.deltas.sparse.kernels import CSRStructure, build_csr_structure, routed_sparse_delta
-from srde_plugins.dynamic import DynamicSparseParams
+from srde_plugins.deltas.sparse.dynamic import DynamicSparseParams
 
 #: Key of a bank's head logits in ``ForwardContext.records``: ``(DIFFICULTY_RECORD, bank)``.
 DIFFICULTY_RECORD = "difficulty-logits"

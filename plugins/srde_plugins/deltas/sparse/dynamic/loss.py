@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from srde_core.train.losses import LossInputs
-from srde_plugins.dynamic import DifficultyLossParams
-from srde_plugins.dynamic.bank import DIFFICULTY_RECORD
+from srde_plugins.deltas.sparse.dynamic import DifficultyLossParams
+from srde_plugins.deltas.sparse.dynamic.bank import DIFFICULTY_RECORD
 
 
 def difficulty(params: DifficultyLossParams):
