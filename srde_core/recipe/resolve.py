@@ -295,35 +295,29 @@ def _check_phases(phases: tuple[Phase, ...], settings: Mapping[str, Params], lay
                                   f"{', '.join(names)}", source=layers.source_of(where), key=format_key(where))
 
 
+def _check_registered(kind: str, value: str | None, where: tuple[str, ...], what: str, layers: Layers,
+                      plugins: PluginSet) -> None:
+    """``value`` (at ``where``) names a registered component of ``kind``; None: nothing to check."""
+    names = plugins.registries[kind].names()
+    if value is not None and value not in names:
+        raise RecipeError(f"unknown {what} '{value}'{did_you_mean(value, names)}; {available(names)}"
+                          f"{plugins.broken_note()}", source=layers.source_of(where), key=format_key(where))
+
+
 def _check_corpus(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None:
     """``[data.generate] corpus`` names a registered corpus."""
     generate = top.data.generate
-    names = plugins.registries["corpus"].names()
-    if generate is not None and generate.corpus not in names:
-        where = ("data", "generate", "corpus")
-        raise RecipeError(f"unknown corpus '{generate.corpus}'{did_you_mean(generate.corpus, names)}; "
-                          f"{available(names)}{plugins.broken_note()}", source=layers.source_of(where),
-                          key=format_key(where))
+    _check_registered("corpus", generate and generate.corpus, ("data", "generate", "corpus"), "corpus", layers, plugins)
 
 
 def _check_format(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None:
     """``data.format`` names a registered data format (a ``source`` component)."""
-    fmt = top.data.format
-    names = plugins.registries["source"].names()
-    if fmt not in names:
-        where = ("data", "format")
-        raise RecipeError(f"unknown data format '{fmt}'{did_you_mean(fmt, names)}; {available(names)}"
-                          f"{plugins.broken_note()}", source=layers.source_of(where), key=format_key(where))
+    _check_registered("source", top.data.format, ("data", "format"), "data format", layers, plugins)
 
 
 def _check_tokenizer(top: RecipeParams, layers: Layers, plugins: PluginSet) -> None:
     """``tokenizer.kind`` names a registered tokenizer kind (a ``tokenizer`` component)."""
-    kind = top.tokenizer.kind
-    names = plugins.registries["tokenizer"].names()
-    if kind not in names:
-        where = ("tokenizer", "kind")
-        raise RecipeError(f"unknown tokenizer kind '{kind}'{did_you_mean(kind, names)}; {available(names)}"
-                          f"{plugins.broken_note()}", source=layers.source_of(where), key=format_key(where))
+    _check_registered("tokenizer", top.tokenizer.kind, ("tokenizer", "kind"), "tokenizer kind", layers, plugins)
 
 
 def resolve(layers: Layers, plugins: PluginSet, path_bases: Mapping[str, str] | None = None) -> Recipe:

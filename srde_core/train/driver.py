@@ -36,6 +36,16 @@ class TrainingTarget:
     get_state: Callable[[], dict[str, torch.Tensor]]
     set_state: Callable[[dict[str, torch.Tensor]], None]
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, named: dict[str, torch.nn.Parameter]) -> TrainingTarget:
+        """Train ``named`` (the model's own parameters, by name); their values are the state."""
+        return cls(
+            model=model,
+            parameters=list(named.values()),
+            get_state=lambda: {name: p.detach() for name, p in named.items()},
+            set_state=lambda state: [named[name].data.copy_(value) for name, value in state.items()],
+        )
+
 
 class Batches:
     """This process's micro-batches of a phase: micro-batch ``i`` is its share of global micro-batch

@@ -38,12 +38,7 @@ class FullFineTune(Trainer):
             p.requires_grad_(name in tuned)
         count = sum(p.numel() for p in tuned.values())
         run.log(f"{phase.name}: full fine-tuning of {', '.join(sorted(projections))}: {count:,} trainable")
-        target = TrainingTarget(
-            model=model,
-            parameters=list(tuned.values()),
-            get_state=lambda: {name: p.detach() for name, p in tuned.items()},
-            set_state=lambda state: [tuned[name].data.copy_(value) for name, value in state.items()],
-        )
+        target = TrainingTarget.of(model, tuned)
         result = drive(run, phase, target, supervised_step(Objective(run, phase, model)))
         for p in tuned.values():
             p.requires_grad_(False)

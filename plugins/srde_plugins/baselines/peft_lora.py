@@ -72,12 +72,7 @@ class PeftLora(Trainer):
         count = sum(p.numel() for p in lora.values())
         run.log(f"{phase.name}: PEFT LoRA rank {rank} (alpha {alpha:g}) on {', '.join(projections)}: "
                 f"{count:,} trainable" + (f" (experts of the recipe: {matched:,})" if matched is not None else ""))
-        target = TrainingTarget(
-            model=model,
-            parameters=list(lora.values()),
-            get_state=lambda: {name: p.detach() for name, p in lora.items()},
-            set_state=lambda state: [lora[name].data.copy_(value) for name, value in state.items()],
-        )
+        target = TrainingTarget.of(model, lora)
         result = drive(run, phase, target, supervised_step(Objective(run, phase, model)))
         result = dict(result or {}, lora_rank=rank, trainable_parameters=count)
         _merge_and_unload(model, LoraLayer)
