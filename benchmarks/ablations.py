@@ -5,6 +5,8 @@
     python benchmarks/ablations.py --suite conventions --lr-sweep 0.3,1,3
                                                             each recipe's learning rates x 0.3, 1 and 3 on the
                                                             validation split, then the table at the best
+    python benchmarks/ablations.py --suite conventions --lr-sweep sparse:10,lora_delta:0.1 --sweep-only
+                                                            widen two recipes' grids; the choice is re-made
     python benchmarks/ablations.py recipes/ablations/gated.toml recipes/ablations/sparse.toml
     python benchmarks/ablations.py --seeds 0,1,2 --jobs 1 --set phases.experts.steps=200
     python benchmarks/ablations.py --timing                 step time only, side by side, one job
@@ -15,8 +17,9 @@ there). Every recipe gets ``seed = S`` and ``base_seed = 0``: the experts' initi
 data order vary with the seed while all runs share one cached base (trained once, by the first job).
 
 Quality (per finished run, experts on): per-domain and overall eval loss on the eval rows, answer
-accuracy by greedy generation, routing purity and NMI (expert x domain over every SRDE layer), the
-trainable parameters. The table shows the mean over seeds and, after ``±``, the half-width of its 95%
+accuracy by greedy generation, routing purity and NMI (expert x domain over every SRDE layer, every
+real token), answer purity (the same on the answer tokens only, each layer's experts apart: the mean
+of the layers' purities; per layer in the row's ``answer_purity_layers``), the trainable parameters. The table shows the mean over seeds and, after ``±``, the half-width of its 95%
 t-interval over the seeds; ``Δ loss`` and ``Δ acc`` are paired (variant minus ``sparse`` at the same
 seed) with the 95% t-interval of the paired differences. With fewer than ``--min-seeds`` (3) seeds an
 interval comes instead from a paired bootstrap over the eval rows (the same rows resampled for both
@@ -26,8 +29,9 @@ is marked ``*``.
 Learning rates (``--lr-sweep M1,M2,...``): every recipe runs once per multiplier ``M`` (the first
 seed; every phase after the base at ``M`` times its learning rate) and is evaluated on the data's
 validation split (``data.generate.held_out = "validation"``, rows disjoint from the eval split);
-the multiplier of lowest validation loss is kept (``WORKDIR/lr_choice.json``) and the table's seeds
-run with it, on the eval split. The sweep runs at the table's ``--budget``. The validation runs
+the multiplier of lowest validation loss is kept (``WORKDIR/lr_choice.json``, merged across sweeps)
+and the table's seeds run with it, on the eval split. A recipe without a sweep of its own runs at the
+multiplier chosen for ``sparse``: the features are variants of the same experts at the same budget. The sweep runs at the table's ``--budget``. The validation runs
 train their own copy of the cached base once (their data differs in the held-out file).
 
 Speed (``--timing``): each recipe's expert phases run for ``--timing-steps`` steps, one recipe after
@@ -145,6 +149,7 @@ def _quality(run) -> dict:
                            batch_size=settings.batch_size)
     experts = run.experts
     counter = RoutingCounter(experts.layers, len(domains)) if experts is not None else None
+    answers = RoutingCounter(experts.layers, len(domains), tokens="answer") if experts is not None else None
     row_nll: list[float] = []
     row_tokens: list[int] = []
     captured: list = []
@@ -162,6 +167,7 @@ def _quality(run) -> dict:
         row_tokens.extend(keep.sum(1).tolist())
         if counter is not None:
             counter.observe(batch, context)
+            answers.observe(batch, context)
 
     continuations: list = []
 
@@ -180,6 +186,7 @@ def _quality(run) -> dict:
     row_correct = [int(is_correct(d, a, tokenizer.decode(ids), run.data.corpus))
                    for d, a, ids in zip(columns["domain"], columns["answer"], continuations)]
     routing = summarize(counter.aggregate(), domains) if counter is not None else None
+    by_layer = answers.to_json(domains) if answers is not None else None
     correct = sum(a.correct for a in accuracy.values())
     examples = sum(a.examples for a in accuracy.values())
     return {
@@ -187,6 +194,9 @@ def _quality(run) -> dict:
         "accuracy": {d: accuracy[d].accuracy for d in domains} | {"all": correct / max(1, examples)},
         "purity": routing["purity"] if routing else None,
         "nmi": routing["nmi"] if routing else None,
+        # on the answer tokens, each layer's experts apart: what a domain expert per layer would show
+        "answer_purity": by_layer["layer_experts"]["purity"] if by_layer else None,
+        "answer_purity_layers": {k: v["purity"] for k, v in by_layer["layers"].items()} if by_layer else None,
         "split": run.recipe.data.generate.held_out if run.recipe.data.generate else "eval",
         "rows": {"domain": list(columns["domain"]), "nll": row_nll, "tokens": row_tokens, "correct": row_correct},
     }
@@ -316,7 +326,7 @@ def table(results: list[dict], min_seeds: int = 3) -> str:
     domains = [d for d in domains if d != "all"]
     ref_step = _step_time(timing.get(REFERENCE) or ({} if timing else reference))
     head = (["recipe", "seeds", "lr x", "trainable", "eval loss", "Δ loss vs sparse", "accuracy %", "Δ acc % vs sparse",
-             "purity", "NMI", "step time"] + [f"loss {d}" for d in domains])
+             "purity", "answer purity", "NMI", "step time"] + [f"loss {d}" for d in domains])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in order:
         rows = by_recipe[name]
@@ -335,6 +345,7 @@ def table(results: list[dict], min_seeds: int = 3) -> str:
             _fmt([r["accuracy"]["all"] for r in quality], ".1f", 100),
             "—" if name == REFERENCE else difference_cell(rows, reference, "accuracy", "+.1f", 100, min_seeds=min_seeds),
             _fmt([r["purity"] for r in quality], ".3f"),
+            _fmt([r.get("answer_purity") for r in quality], ".3f"),
             _fmt([r["nmi"] for r in quality], ".3f"),
             f"{step / ref_step:.2f}x" if step and ref_step else "—",
         ] + [_fmt([r["loss"][d] for r in quality], ".4f") for d in domains]
@@ -403,6 +414,23 @@ def choose_lr(results: list[dict], recipe: str) -> float | None:
     return min(sweep, key=lambda r: (r["loss"]["all"], r.get("lr_scale", 1.0)))["lr_scale"]
 
 
+def sweep_scales(spec: str) -> dict[str | None, list[float]]:
+    """``--lr-sweep`` parsed: ``"0.3,1,3"`` -> ``{None: [0.3, 1, 3]}`` (every recipe); an item
+    ``STEM:M`` adds ``M`` for that recipe only (``"sparse:10,lora_delta:0.1"`` widens two grids)."""
+    scales: dict[str | None, list[float]] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        stem, _, value = item.rpartition(":")
+        scales.setdefault(stem or None, []).append(float(value))
+    return scales
+
+
+def lr_scale_of(recipe: str, choice: dict) -> float:
+    """The multiplier a table run uses: the recipe's own sweep's, else the reference recipe's (a feature
+    of the same sparse experts, trained at the same budget, inherits the rate chosen for ``sparse``)."""
+    own = choice.get(Path(recipe).stem)
+    return own if own is not None else choice.get(REFERENCE) or 1.0
+
+
 def _child(recipe: str, seed: int, args, timing: bool, lr_scale: float = 1.0, split: str = "eval") -> dict:
     tag = args.tag or ""
     if split == "validation":
@@ -437,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the recipes run when none are named: recipes/ablations/ (tiny) or its conventions/ folder")
     parser.add_argument("--lr-sweep", default="",
                         help="comma-separated learning-rate multipliers tried per recipe on the validation split "
-                             "(first seed); the table runs at the best (e.g. 0.3,1,3)")
+                             "(first seed); the table runs at the best (e.g. 0.3,1,3; sparse:10 adds 10 for sparse only)")
+    parser.add_argument("--sweep-only", action="store_true", help="run the --lr-sweep and record the choice, no table runs")
+    parser.add_argument("--base-cached", action="store_true",
+                        help="the base models are cached in --workdir already: start every job at once")
     parser.add_argument("--min-seeds", type=int, default=3,
                         help="paired seeds below which differences use the bootstrap over eval rows (default 3)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
@@ -485,25 +516,31 @@ def main(argv: list[str] | None = None) -> int:
             return r["recipe"], r["seed"], r.get("timing", False), r.get("split", "eval")
 
         def run_all(todo):  # the first job alone (it trains and caches the shared base), then the rest
-            new = [_child(todo[0][0], todo[0][1], args, args.timing, *todo[0][2:])] if todo else []
+            alone = todo[:0] if args.base_cached else todo[:1]
+            new = [_child(job[0], job[1], args, args.timing, *job[2:]) for job in alone]
             with ThreadPoolExecutor(jobs) as pool:
-                new += list(pool.map(lambda job: _child(job[0], job[1], args, args.timing, *job[2:]), todo[1:]))
+                new += list(pool.map(lambda job: _child(job[0], job[1], args, args.timing, *job[2:]), todo[len(alone):]))
             return [r for r in new if r]
 
-        scales = [float(x) for x in args.lr_sweep.split(",") if x.strip()]
+        scales = sweep_scales(args.lr_sweep)
         if scales and not args.timing:
             tuned = [r for r in recipes if lr_overrides(r, 2.0)]  # the base alone has no learning rate to pick
-            sweep = run_all([(r, seeds[0], m, "validation") for r in tuned for m in scales])
+            sweep = run_all([(r, seeds[0], m, "validation") for r in tuned for m in scales.get(Path(r).stem, scales.get(None, []))])
             fresh = {key(r) for r in sweep}
             results = [r for r in results if key(r) not in fresh] + sweep
-            choice = {Path(r).stem: choose_lr(results, Path(r).stem) for r in tuned}
-            (workdir / "lr_choice.json").write_text(json.dumps(choice, indent=1))
+            saved = workdir / "lr_choice.json"  # earlier sweeps' choices stay; this sweep's recipes are re-chosen
+            choice = json.loads(saved.read_text()) if saved.is_file() else {}
+            choice |= {Path(r).stem: choose_lr(results, Path(r).stem) for r in tuned}
+            saved.write_text(json.dumps(choice, indent=1))
             print("learning-rate multipliers chosen on the validation split: "
                   + ", ".join(f"{k} x{v:g}" for k, v in choice.items() if v is not None), flush=True)
+            if args.sweep_only:
+                results_file.write_text(json.dumps(results, indent=1))
+                recipes = []
         else:
             saved = workdir / "lr_choice.json"
             choice = json.loads(saved.read_text()) if saved.is_file() and not args.timing else {}
-        new = run_all([(r, s, choice.get(Path(r).stem) or 1.0, "eval") for r in recipes for s in seeds])
+        new = run_all([(r, s, lr_scale_of(r, choice), "eval") for r in recipes for s in seeds])
         fresh = {key(r) for r in new}
         results = [r for r in results if key(r) not in fresh] + new
         results_file.write_text(json.dumps(results, indent=1))

@@ -98,3 +98,13 @@ def test_table_leaves_out_validation_rows_and_shows_the_chosen_multiplier():
     assert ablations.choose_lr(results + [dict(_row(0, 0.1, 0.9), recipe="sparse@lr0.3", split="validation",
                                                 lr_scale=0.3)], "sparse") == 0.3
     assert ablations.choose_lr(results, "other") is None
+
+
+def test_sweep_grids_per_recipe_and_the_features_inherit_the_reference_rate():
+    assert ablations.sweep_scales("0.3,1,3") == {None: [0.3, 1.0, 3.0]}
+    assert ablations.sweep_scales("sparse:10, lora_delta:0.1,lora_delta:0.03") == {
+        "sparse": [10.0], "lora_delta": [0.1, 0.03]}
+    choice = {"sparse": 3.0, "peft_lora": 1.0}
+    assert ablations.lr_scale_of("recipes/x/peft_lora.toml", choice) == 1.0
+    assert ablations.lr_scale_of("recipes/x/spiel.toml", choice) == 3.0  # no sweep of its own
+    assert ablations.lr_scale_of("recipes/x/spiel.toml", {}) == 1.0

@@ -90,16 +90,23 @@ class RoutingCounter:
 
     Call :meth:`observe` with the batch and the forward context after each forward with the experts
     enabled; it reads every SRDE layer's routing from the context (one row per token of the
-    ``[B, S]`` batch, pad tokens included, which the attention mask drops here).
+    ``[B, S]`` batch, pad tokens included, which the attention mask drops here). ``tokens="answer"``
+    counts only the labelled tokens (``labels != -100``: the answers under ``loss_on = "answer"``),
+    the positions that come after the prompt and so can know its domain.
     """
 
-    def __init__(self, layers: Iterable[int], num_domains: int):
+    def __init__(self, layers: Iterable[int], num_domains: int, tokens: str = "real"):
+        if tokens not in ("real", "answer"):
+            raise ValueError(f"tokens must be 'real' or 'answer', not {tokens!r}")
         self.layers = list(layers)
         self.num_domains = num_domains
+        self.tokens = tokens
         self.counts: dict[int, torch.Tensor] = {}
 
     def observe(self, batch: Mapping[str, torch.Tensor], context: ForwardContext) -> None:
         mask = batch["attention_mask"].reshape(-1).bool()
+        if self.tokens == "answer":
+            mask = mask & (batch["labels"].reshape(-1) != -100)
         domain = batch["domain_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[mask]
         for layer in self.layers:
             routing = context.routings.get(layer)
