@@ -114,8 +114,8 @@ def test_validate_succeeds_on_every_shipped_recipe(capsys):
     shipped = Path(__file__).resolve().parents[1] / "recipes"
     recipes = sorted(shipped.glob("*.toml"))
     assert {r.name for r in recipes} >= {"tiny.toml", "max.toml", "balanced.toml", "fast.toml"}
-    ablations = sorted((shipped / "ablations").glob("*.toml"))
-    assert {r.stem for r in ablations} >= {"sparse", "peft_lora"}
+    ablations = sorted((shipped / "ablations").glob("*.toml")) + sorted((shipped / "ablations" / "conventions").glob("*.toml"))
+    assert {r.stem for r in ablations} >= {"sparse", "peft_lora", "peft_lora_free", "full_ft", "spiel_block"}
     for recipe in recipes + ablations:
         if recipe.name.startswith("_"):
             continue
@@ -131,16 +131,18 @@ def test_a_component_table_naming_another_component_replaces_the_old_one(tmp_pat
     assert merged.density == 0.05 and merged.init_importance == 1.0  # same component: arguments merge
 
 
-def test_every_ablation_keeps_the_tiny_base_so_the_cached_base_is_shared(plugins):
+@pytest.mark.parametrize("suite, preset, prefix", [("ablations", "tiny.toml", "ablation-"),
+                                                   ("ablations/conventions", "conventions.toml", "ablation-conventions-")])
+def test_every_ablation_keeps_its_presets_base_so_the_cached_base_is_shared(plugins, suite, preset, prefix):
     """The ablation table compares expert phases on one base: every ablation's base phase, model,
-    tokenizer and data must be tiny's (else it would train, and be compared on, another base)."""
+    tokenizer and data must be its preset's (else it would train, and be compared on, another base)."""
     from pathlib import Path
 
     shipped = Path(__file__).resolve().parents[1] / "recipes"
-    tiny = load_recipe(shipped / "tiny.toml", plugins).resolved
-    for path in sorted((shipped / "ablations").glob("*.toml")):
+    reference = load_recipe(shipped / preset, plugins).resolved
+    for path in sorted((shipped / suite).glob("*.toml")):
         recipe = load_recipe(path, plugins).resolved
-        assert recipe["name"] == f"ablation-{path.stem}", path.name
+        assert recipe["name"] == f"{prefix}{path.stem}", path.name
         for key in ("model", "tokenizer", "data"):
-            assert recipe[key] == tiny[key], (path.name, key)
-        assert recipe["phases"][0] == tiny["phases"][0], path.name
+            assert recipe[key] == reference[key], (path.name, key)
+        assert recipe["phases"][0] == reference["phases"][0], path.name
