@@ -15,12 +15,18 @@ input and of every trainable tensor to the dense reference
 (:func:`srde_core.model.reference.dense_reference`, which materialises ``W + sum_k w_k dW_{e_k}``
 per token), in float64. :func:`assert_model_exact` does the same for every SRDE layer of an attached
 model in one forward (layers that share banks included).
+
+:func:`on_two_ranks` runs a function as two data-parallel ranks in two threads of one process
+(:class:`ThreadDist`, whose ``all_sum`` adds what both ranks give): a loss that must be exact under
+data parallelism gives the whole batch's value on each half, and the mean of the halves' gradients is
+the whole batch's gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +40,8 @@ from srde_core.model.layer import PROJECTIONS, SRDEMLP
 from srde_core.model.reference import dense_reference
 from srde_core.model.routing import RouterType
 
-__all__ = ["GatedMLP", "assert_exact", "assert_layer_exact", "assert_model_exact", "build_layer", "outputs_and_grads"]
+__all__ = ["GatedMLP", "ThreadDist", "assert_exact", "assert_layer_exact", "assert_model_exact", "build_layer",
+           "on_two_ranks", "outputs_and_grads"]
 
 _KINDS = {"delta": DeltaType, "router": RouterType, "combine": CombineType}
 
@@ -176,3 +183,50 @@ def assert_model_exact(experts: Any, forward: Callable[[], Any], *, tol: float =
             worst[i] = (y - ref).abs().max().item() / scale
             assert worst[i] <= tol, f"layer {i}: largest difference {worst[i]:.3g} of the largest entry, over {tol}"
     return worst
+
+
+class ThreadDist:
+    """One of two data-parallel ranks in two threads of one process (the ``Dist`` interface the
+    losses use): ``all_sum`` returns what both ranks give, added, without gradient."""
+
+    world_size = 2
+    distributed = True
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.shared = rank, shared
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        barrier, slots = self.shared["barrier"], self.shared["slots"]
+        slots[self.rank] = tensor.detach().clone()
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()
+        return total
+
+
+def on_two_ranks(fn: Callable, halves: Sequence[Sequence[Any]]) -> list:
+    """``[fn(ThreadDist(0), *halves[0]), fn(ThreadDist(1), *halves[1])]``, the two calls running at
+    once (their collectives meet); an exception in either is raised here."""
+    shared = {"barrier": threading.Barrier(2, timeout=60), "slots": [None, None]}
+    results: list = [None, None]
+    errors: list = []
+
+    def work(rank):
+        try:
+            results[rank] = fn(ThreadDist(rank, shared), *halves[rank])
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller
+            errors.append(error)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

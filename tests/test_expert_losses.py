@@ -108,3 +108,31 @@ def test_sparse_gram_equals_the_dense_inner_products(selector):
 def test_losses_are_zero_without_routings_or_banks():
     empty = inputs([], torch.tensor([0]))
     assert specialization(NoParams())(empty).item() == 0.0 and diversity(NoParams())(empty).item() == 0.0
+
+
+def test_specialization_is_exact_under_data_parallelism():
+    """Two ranks holding unequal shares of one batch (the first sees only domain 0) give the whole
+    batch's value, and the mean of their gradients is the whole batch's gradient."""
+    from srde_core.testing import on_two_ranks
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    domains = torch.tensor([0, 0, 0, 1, 0, 1, 1, 0, 1, 1])
+    weight = torch.randn(3, 4, dtype=torch.float64)
+
+    def value_and_grad(dist, rows, ids):
+        w = weight.clone().requires_grad_()
+        probs = torch.softmax(rows @ w, dim=1)
+        case = inputs([routing_of(probs)], ids)
+        if dist is not None:
+            case.dist = dist
+        value = specialization(NoParams())(case)
+        value.backward()
+        return float(value.detach()), w.grad
+
+    whole_value, whole_grad = value_and_grad(None, x, domains)
+    parts = on_two_ranks(value_and_grad, [(x[:3], domains[:3]), (x[3:], domains[3:])])
+    assert [v for v, _ in parts] == pytest.approx([whole_value] * 2, abs=1e-12)
+    assert torch.allclose((parts[0][1] + parts[1][1]) / 2, whole_grad, atol=1e-12)
+    local = [value_and_grad(None, x[:3], domains[:3])[0], value_and_grad(None, x[3:], domains[3:])[0]]
+    assert abs(sum(local) / 2 - whole_value) > 1e-3  # what the per-process values would have averaged to

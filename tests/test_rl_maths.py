@@ -4,12 +4,12 @@ functions of tensors, no RL phase."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
 
 from srde_core.dist import SINGLE
+from srde_core.testing import on_two_ranks
 from srde_plugins.rl.kl import InitialPolicy, ProportionalKLController, ThresholdKLController
 from srde_plugins.rl.objective import (
     answer_logprobs, clipped_surrogate, clipped_value_loss, gae, group_advantages, k3_kl, token_mean, whiten,
@@ -117,38 +117,6 @@ def test_the_initial_policy_reference_keeps_the_values_of_the_phase_start():
     restored.load_state_dict(reference.state_dict())  # a resumed phase gets the start's values back
     with restored.active():
         assert p.tolist() == [1.0, 2.0]
-
-
-class ThreadDist:
-    """Two ranks in two threads of one process: ``all_sum`` adds what both give."""
-
-    world_size = 2
-
-    def __init__(self, rank: int, shared: dict):
-        self.rank, self.shared = rank, shared
-
-    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        barrier, slots = self.shared["barrier"], self.shared["slots"]
-        slots[self.rank] = tensor.detach().clone()
-        barrier.wait()
-        total = slots[0] + slots[1]
-        barrier.wait()
-        return total
-
-
-def on_two_ranks(fn, halves):
-    shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
-    results = [None, None]
-
-    def work(rank):
-        results[rank] = fn(ThreadDist(rank, shared), *halves[rank])
-
-    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def test_ppo_whitening_and_token_means_are_exact_over_processes():

@@ -2,7 +2,9 @@
 
 A ``loss`` factory(params) returns ``loss(inputs: LossInputs) -> scalar tensor``; the recipe gives
 each loss a ``weight`` (a number or a scalar schedule). Router losses are averaged over SRDE
-layers; every loss is exact under data parallelism (``LossInputs.global_mean``).
+layers; every loss is exact under data parallelism (``LossInputs.global_mean``, and global sums for
+``specialization``). Under gradient accumulation the token means are exact and ``load_balance``'s and
+``specialization``'s batch statistics are each micro-batch's (the step averages them).
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@
   ``I = H(p(e)) - sum_d p(d) H(p(e|d))``. Differentiable through the probabilities; it rewards
   routers whose choice tells the domain, while ``H(p(e))`` in it keeps the overall load spread
   (unlike a term that just lowers routing entropy). Domain ids come from the forward context.
+  Exact under data parallelism: the per-domain sums of probabilities and the token counts are
+  summed over processes before the (nonlinear) information is taken, and each process back-
+  propagates through its own share of the sums, scaled so that the engine's mean over processes is
+  the global batch's gradient. Under gradient accumulation it is each micro-batch's own value (a
+  function of a whole batch cannot be split into micro-batch terms): the steps' mean of the
+  micro-batches' information, like a batch-level statistic of a smaller batch.
 - ``diversity``: the mean pairwise squared cosine similarity of the experts' deltas in each bank
   (``DeltaBank.gram``), over every bank of the model (shared banks once; ``inputs.banks``): experts
   that change the weights along the same direction (either sign) are penalised; 0 when every pair
@@ -28,8 +34,13 @@ def specialization(params):
     def loss(inputs: LossInputs) -> torch.Tensor:
         if not inputs.routings or inputs.context is None or inputs.context.domain_ids is None:
             return inputs.hidden.new_zeros((), dtype=torch.float32)
-        values = [_negative_mi(inputs, r) for r in inputs.routings]
-        return torch.stack(values).mean()
+        value = torch.stack([_negative_mi(inputs, r) for r in inputs.routings]).mean()
+        if not inputs.dist.distributed:
+            return value
+        # the same global value on every process; the engine averages the processes' gradients, and
+        # each holds the gradient through its own tokens only: scale that part by the world size
+        world = inputs.dist.world_size
+        return world * value - (world - 1) * value.detach()
 
     return loss
 
@@ -41,10 +52,17 @@ def _negative_mi(inputs: LossInputs, routing: Routing) -> torch.Tensor:
     keep = mask.reshape(-1).bool() if mask is not None and mask.numel() == tokens else torch.ones(tokens, dtype=torch.bool, device=domains.device)
     probs, domains = routing.probs[keep], domains[keep]
     num_domains = max(inputs.num_domains, int(domains.max()) + 1 if domains.numel() else 1)
+    dist = inputs.dist
+    if dist.distributed:  # one shape on every process: the sum of theirs is at least the largest
+        num_domains = int(dist.all_sum(torch.tensor(num_domains)))
     one_hot = torch.nn.functional.one_hot(domains, num_domains).to(probs.dtype)  # [N, D]
     count = one_hot.sum(0)  # tokens per domain
+    sums = one_hot.T @ probs  # [D, E]
+    if dist.distributed:  # the global batch's sums, the gradient through this process's share
+        sums = sums + (dist.all_sum(sums) - sums.detach())
+        count = dist.all_sum(count)
     present = count > 0
-    p_e_given_d = (one_hot.T @ probs)[present] / count[present, None]  # [D', E]
+    p_e_given_d = sums[present] / count[present, None]  # [D', E]
     p_d = count[present] / count.sum()
     p_e = p_d @ p_e_given_d
     mi = _entropy(p_e) - (p_d * _entropy(p_e_given_d)).sum()
