@@ -125,3 +125,28 @@ def test_a_domain_without_training_rows_gets_no_warm_start_direction_and_is_name
             for name, p in run.experts.trainable_parameters().items():
                 if name in before:
                     p.copy_(before[name])
+
+
+def test_warm_start_centroids_of_the_labelled_tokens_average_only_those(phase1_run):
+    """``warm_start_tokens = "labelled"``: each domain's centroid sums the inputs of its labelled
+    (answer) tokens only, fewer than its real tokens, and differs from the all-token centroid."""
+    import copy
+
+    from srde_core.data.collate import IGNORE_INDEX, collate
+
+    run = copy.copy(phase1_run)
+    data = phase1_run.recipe.data.model_copy(update={"loss_on": "answer"})
+    run.recipe = phase1_run.recipe.model_copy(update={"data": data})
+    rows = warm_start_rows(run, 3)
+    batch = collate(run.data.train.select(rows), run.tokenizer.pad_id, "answer", run.data.domains)
+    labelled = torch.zeros(len(run.data.domains), dtype=torch.float64)
+    real = torch.zeros_like(labelled)
+    for ids, mask, labels in zip(batch["domain_ids"], batch["attention_mask"], batch["labels"]):
+        labelled[ids] += float((labels != IGNORE_INDEX).sum())
+        real[ids] += float(mask.sum())
+    every_sums, every_counts, _ = layer_centroids(run, run.experts, rows, batch_size=4)
+    sums, counts, _ = layer_centroids(run, run.experts, rows, batch_size=4, labelled_only=True)
+    assert torch.equal(every_counts, real) and torch.equal(counts, labelled)
+    assert bool((counts > 0).all()) and bool((counts < every_counts).all())
+    layer = next(iter(sums))
+    assert not torch.allclose(sums[layer] / counts[:, None], every_sums[layer] / every_counts[:, None])

@@ -6,6 +6,8 @@ Arguments go in the phase's trainer table: ``trainer = { name = "base_pretrain",
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from srde_core.hookspecs import hookimpl
@@ -25,6 +27,11 @@ class ExpertPretrainParams(Params):
     warm_start_examples: int = Field(
         64, ge=1, description="training examples per domain the centroids are computed on, drawn at random with the "
         "run's seed (in micro-batches of the phase's batch_size)",
+    )
+    warm_start_tokens: Literal["all", "labelled"] = Field(
+        "all", description="the tokens the centroids average: every real token, or the labelled ones only (the "
+        "answers under loss_on = \"answer\": the tokens the experts are trained on, after the prompt that names "
+        "the domain)",
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from srde_core.data.collate import collate
+from srde_core.data.collate import IGNORE_INDEX, collate
 from srde_core.data.groups import group_rows
 from srde_core.evaluate import evaluation_state
 from srde_core.model.context import ForwardContext
@@ -54,7 +54,8 @@ class ExpertPretrain(Trainer):
         objective = ForcedObjective(run, phase, run.model, experts)
         result = drive(run, phase, target, supervised_step(objective), state=objective.schedules)
         if self.params.warm_start_router:
-            missing = warm_start_routers(run, experts, self.params.warm_start_examples, phase.batch_size)
+            missing = warm_start_routers(run, experts, self.params.warm_start_examples, phase.batch_size,
+                                         labelled_only=self.params.warm_start_tokens == "labelled")
             run.log(f"{phase.name}: routers warm-started from the domain centroids of each layer "
                     f"({self.params.warm_start_examples} examples per domain)")
             if missing:
@@ -78,9 +79,10 @@ def warm_start_rows(run, per_domain: int) -> list[int]:
 
 
 @torch.no_grad()
-def layer_centroids(run, experts, rows: list[int], batch_size: int):
+def layer_centroids(run, experts, rows: list[int], batch_size: int, labelled_only: bool = False):
     """Per layer: the summed input of each domain ``[D, H]``, the token count of each domain ``[D]``
-    and a sample of inputs ``[N, H]``, over ``rows`` of the training data with the experts on and
+    and a sample of inputs ``[N, H]``, over the real tokens (``labelled_only``: the tokens with a
+    label under the data's ``loss_on``) of ``rows`` of the training data with the experts on and
     forced as in Phase 1, in micro-batches of ``batch_size`` (the phase's, so the forward stays
     within the memory the phase trained in). The forwards go through the engine's forward-only
     mode: under ZeRO-3 each layer's weights are fetched as it runs, never the whole model."""
@@ -101,9 +103,11 @@ def layer_centroids(run, experts, rows: list[int], batch_size: int):
     try:
         with evaluation_state(run.model, experts, enabled=True), run.engine.forward_only(run.model) as forward:
             for start in range(0, len(rows), batch_size):
-                batch = collate(run.data.train.select(rows[start:start + batch_size]), run.tokenizer.pad_id, "all",
-                                run.data.domains)
+                batch = collate(run.data.train.select(rows[start:start + batch_size]), run.tokenizer.pad_id,
+                                run.recipe.data.loss_on, run.data.domains)
                 mask = batch["attention_mask"].reshape(-1).bool()
+                if labelled_only:
+                    mask = mask & (batch["labels"].reshape(-1) != IGNORE_INDEX)
                 current["mask"] = mask
                 current["domains"] = batch["domain_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[mask]
                 counts.index_add_(0, current["domains"], torch.ones(int(mask.sum()), dtype=torch.float64))
@@ -120,13 +124,13 @@ def layer_centroids(run, experts, rows: list[int], batch_size: int):
     return sums, counts, {layer: torch.cat(parts) for layer, parts in samples.items() if parts}
 
 
-def warm_start_routers(run, experts, per_domain: int, batch_size: int) -> list[str]:
+def warm_start_routers(run, experts, per_domain: int, batch_size: int, labelled_only: bool = False) -> list[str]:
     """Each layer's router points expert ``e`` at the mean centroid of its domains minus the mean of
     all, with the mean's own direction projected out (the gate has no bias: the component every
     input shares would otherwise favour some experts for every token). A domain without training
     rows has no centroid: its experts get no direction (returned, for the log)."""
     rows = warm_start_rows(run, per_domain)
-    sums, counts, samples = layer_centroids(run, experts, rows, batch_size)
+    sums, counts, samples = layer_centroids(run, experts, rows, batch_size, labelled_only)
     num_domains = len(run.data.domains)
     present = [d for d in range(num_domains) if counts[d] > 0]
     missing = [run.data.domains[d] for d in range(num_domains) if counts[d] == 0]
