@@ -276,6 +276,17 @@ def test_srde_eval_json_is_parseable_and_complete(micro_run, capsys):
     assert all(row["examples"] == 2 for row in data["accuracy"]["domains"].values())
     layers = data["routing"]["layers"]
     assert layers and all({"counts", "purity", "baseline_purity", "nmi", "top_k"} <= set(s) for s in layers.values())
+    answers = data["routing"]["answer_tokens"]
+    assert set(answers["layers"]) == set(layers)
+    for layer, s in answers["layers"].items():  # the labelled tokens: here (loss_on = "all") every real one
+        assert s["slots"] == sum(map(sum, layers[layer]["counts"])) > 0
+        assert 0.0 <= s["purity"] <= 1.0 and s["baseline_purity"] <= s["purity"] + 1e-12
+    assert "answers" in main_output(["eval", str(micro_run), "--max-examples", "2"], capsys)
+
+
+def main_output(argv, capsys) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
 
 
 def test_srde_generate_prints_the_greedy_continuation(micro_run, capsys):

@@ -63,7 +63,8 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False,
 
     Base = experts disabled, SRDE = experts enabled (``None`` values when the run has no experts).
     Returns ``{"examples_per_domain", "examples", "domains", "has_experts", "max_new_tokens", "loss",
-    "accuracy", "routing"}`` (``routing`` is ``None`` without experts); ``accuracy`` and ``routing``
+    "accuracy", "routing"}`` (``routing`` is ``None`` without experts; its ``answer_tokens`` holds the
+    purity, baseline and NMI per layer counted on the labelled tokens only); ``accuracy`` and ``routing``
     are left out with ``losses_only``. The model's mode and the
     experts' state are as before afterwards. ``forward``: the engine's forward-only runner for the
     loss forwards (see :func:`srde_core.evaluate.losses.domain_losses`)."""
@@ -86,9 +87,15 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False,
     srde_loss = srde_acc = counter = None
     if experts is not None:
         counter = RoutingCounter(experts.layers, len(domains))
+        answers = RoutingCounter(experts.layers, len(domains), tokens="answer")
+
+        def observe(batch, context):
+            counter.observe(batch, context)
+            answers.observe(batch, context)
+
         with evaluation_state(model, experts, enabled=True):
             srde_loss = domain_losses(model, batches, domains, device=run.device, experts=experts,
-                                      after_forward=None if losses_only else counter.observe, forward=forward)
+                                      after_forward=None if losses_only else observe, forward=forward)
             srde_acc = None if losses_only else accuracy()
     result["loss"] = _loss_json(base_loss, srde_loss)
     if losses_only:
@@ -97,6 +104,13 @@ def evaluate(run, *, max_examples: int | None = None, losses_only: bool = False,
     result["routing"] = None
     if counter is not None:
         result["routing"] = counter.to_json(domains)
+        # the same on the labelled (answer) tokens: they follow the prompt, so they can know the domain
+        by_answer = answers.to_json(domains)
+        statistics = ("purity", "baseline_purity", "nmi", "slots")
+        result["routing"]["answer_tokens"] = {
+            "layers": {layer: {k: s[k] for k in statistics} for layer, s in by_answer["layers"].items()},
+            "layer_experts": by_answer["layer_experts"],
+        }
         for plan in experts.plans:
             result["routing"]["layers"][str(plan.layer)].update(num_experts=plan.num_experts, top_k=plan.top_k)
     return result

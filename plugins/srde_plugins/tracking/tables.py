@@ -106,16 +106,20 @@ def layer_table(result: dict):
     from rich.table import Table
 
     table = Table(title="Routing purity per SRDE layer", title_justify="left")
-    for name in ("layer", "experts", "top-k", "purity", "baseline", "gain", "NMI"):
+    answers = result["routing"].get("answer_tokens")
+    columns = ("layer", "experts", "top-k", "purity", "baseline", "gain", "NMI")
+    for name in columns + (("answers", "answers baseline") if answers else ()):
         table.add_column(name, justify="right")
     layers = result["routing"]["layers"]
-    rows = [(layer, str(s.get("num_experts", len(s["counts"]))), str(s.get("top_k", "")), s)
-            for layer, s in layers.items()]
-    rows.append(("[bold]all[/]", "", "", result["routing"]["layer_experts"]))
-    for i, (layer, experts, top_k, s) in enumerate(rows):
+    rows = [(layer, str(s.get("num_experts", len(s["counts"]))), str(s.get("top_k", "")), s,
+             answers["layers"].get(layer) if answers else None) for layer, s in layers.items()]
+    rows.append(("[bold]all[/]", "", "", result["routing"]["layer_experts"], answers["layer_experts"] if answers else None))
+    for i, (layer, experts, top_k, s, a) in enumerate(rows):
         pure, base = _num(s["purity"]), _num(s["baseline_purity"])
         gain = pure - base if None not in (pure, base) else None
+        extra = (_fmt(_num(a["purity"]), ".1%"), _fmt(_num(a["baseline_purity"]), ".1%")) if answers and a else (
+            ("—", "—") if answers else ())
         table.add_row(layer, experts, top_k, _fmt(pure, ".1%"), _fmt(base, ".1%"),
                       _points(gain),
-                      _fmt(_num(s["nmi"]), ".3f"), end_section=i == len(rows) - 2)
+                      _fmt(_num(s["nmi"]), ".3f"), *extra, end_section=i == len(rows) - 2)
     return table
