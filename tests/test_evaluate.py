@@ -222,7 +222,7 @@ def test_routing_counts_every_real_token_top_k_times(run):
     assert counter.stacked().shape[0] == sum(r.num_experts for r in run.experts.routers().values())
 
 
-def test_answer_token_counts_leave_out_the_prompt_and_the_padding():
+def test_answer_and_prompt_token_counts_split_the_real_tokens():
     from srde_core.model.routing import Routing
 
     # two rows of 4 tokens: row 0 (domain 0) answers at positions 2-3, row 1 (domain 1) at 3; its 4th is pad
@@ -232,13 +232,15 @@ def test_answer_token_counts_leave_out_the_prompt_and_the_padding():
     batch = {"attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), "domain_ids": torch.tensor([0, 1]),
              "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX]])}
     answers, every = RoutingCounter([0], 2, tokens="answer"), RoutingCounter([0], 2)
-    for counter in (answers, every):
+    prompts = RoutingCounter([0], 2, tokens="prompt")
+    for counter in (answers, every, prompts):
         counter.observe(batch, ForwardContext(routings={0: routing}))
     assert answers.counts[0].tolist() == [[0, 1], [2, 0]]  # expert 1 serves domain 0's answers only
     assert every.counts[0].tolist() == [[1, 3], [3, 0]]
+    assert torch.equal(prompts.counts[0] + answers.counts[0], every.counts[0])
     assert purity(answers.counts[0]) == 1.0 and purity(every.counts[0]) == pytest.approx(6 / 7)
     with pytest.raises(ValueError, match="tokens"):
-        RoutingCounter([0], 2, tokens="prompt")
+        RoutingCounter([0], 2, tokens="pad")
 
 
 def test_purity_and_baseline_of_hand_made_matrices():

@@ -92,12 +92,15 @@ class RoutingCounter:
     enabled; it reads every SRDE layer's routing from the context (one row per token of the
     ``[B, S]`` batch, pad tokens included, which the attention mask drops here). ``tokens="answer"``
     counts only the labelled tokens (``labels != -100``: the answers under ``loss_on = "answer"``),
-    the positions that come after the prompt and so can know its domain.
+    the positions that come after the prompt and so can know its domain; ``tokens="prompt"`` the
+    other real tokens.
     """
 
+    TOKENS = ("real", "answer", "prompt")
+
     def __init__(self, layers: Iterable[int], num_domains: int, tokens: str = "real"):
-        if tokens not in ("real", "answer"):
-            raise ValueError(f"tokens must be 'real' or 'answer', not {tokens!r}")
+        if tokens not in self.TOKENS:
+            raise ValueError(f"tokens must be one of {', '.join(self.TOKENS)}, not {tokens!r}")
         self.layers = list(layers)
         self.num_domains = num_domains
         self.tokens = tokens
@@ -105,8 +108,9 @@ class RoutingCounter:
 
     def observe(self, batch: Mapping[str, torch.Tensor], context: ForwardContext) -> None:
         mask = batch["attention_mask"].reshape(-1).bool()
-        if self.tokens == "answer":
-            mask = mask & (batch["labels"].reshape(-1) != -100)
+        if self.tokens != "real":
+            labelled = batch["labels"].reshape(-1) != -100
+            mask = mask & (labelled if self.tokens == "answer" else ~labelled)
         domain = batch["domain_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)[mask]
         for layer in self.layers:
             routing = context.routings.get(layer)
