@@ -16,7 +16,8 @@ input and of every trainable tensor to the dense reference
 per token), in float64. :func:`assert_model_exact` does the same for every SRDE layer of an attached
 model in one forward (layers that share banks included).
 
-:func:`on_two_ranks` runs a function as two data-parallel ranks in two threads of one process
+:func:`plugins_with` loads the installed plugins plus one component registered on the spot (a corpus,
+tokenizer, source, report, ...), so a test runs it beside the built-ins. :func:`on_two_ranks` runs a function as two data-parallel ranks in two threads of one process
 (:class:`ThreadDist`, whose ``all_sum`` adds what both ranks give): a loss that must be exact under
 data parallelism gives the whole batch's value on each half, and the mean of the halves' gradients is
 the whole batch's gradient.
@@ -41,7 +42,7 @@ from srde_core.model.reference import dense_reference
 from srde_core.model.routing import RouterType
 
 __all__ = ["GatedMLP", "ThreadDist", "assert_exact", "assert_layer_exact", "assert_model_exact", "build_layer",
-           "on_two_ranks", "outputs_and_grads"]
+           "on_two_ranks", "outputs_and_grads", "plugins_with"]
 
 _KINDS = {"delta": DeltaType, "router": RouterType, "combine": CombineType}
 
@@ -230,3 +231,24 @@ def on_two_ranks(fn: Callable, halves: Sequence[Sequence[Any]]) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+def plugins_with(kind: str, name: str, factory: Callable, params: Any = None, description: str = "",
+                 plugin: str | None = None):
+    """The installed plugins plus one component, ``registry.add(kind, name, factory, params,
+    description)`` from a plugin named ``plugin`` (default ``NAME-KIND``); raises if any plugin is
+    broken. ``params`` defaults to ``NoParams``."""
+    import types
+
+    from srde_core.hookspecs import hookimpl
+    from srde_core.params import NoParams
+    from srde_core.plugins import load_plugins
+
+    @hookimpl
+    def srde_register(registry):
+        registry.add(kind, name, factory, params or NoParams, description)
+
+    loaded = load_plugins(extra=[(plugin or f"{name}-{kind}", types.SimpleNamespace(srde_register=srde_register))])
+    if loaded.broken:
+        raise AssertionError(loaded.broken_note())
+    return loaded

@@ -4,11 +4,11 @@ checks answers with its checker; an unknown corpus name is one line at validate.
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 
 from srde_core.data.corpus import Corpus
+from srde_core.testing import plugins_with
 
 OVERRIDES = ['data.generate.corpus="parity"', "phases.base.steps=1", "phases.experts.steps=1"]
 
@@ -39,17 +39,7 @@ PARITY = Parity()
 
 @pytest.fixture(scope="module")
 def with_parity():
-    from srde_core.hookspecs import hookimpl
-    from srde_core.params import NoParams
-    from srde_core.plugins import load_plugins
-
-    @hookimpl
-    def srde_register(registry):
-        registry.add("corpus", "parity", lambda params: PARITY, NoParams, "Parity of small numbers.")
-
-    plugins = load_plugins(extra=[("parity-corpus", types.SimpleNamespace(srde_register=srde_register))])
-    assert not plugins.broken, plugins.broken_note()
-    return plugins
+    return plugins_with("corpus", "parity", lambda params: PARITY, description="Parity of small numbers.")
 
 
 def test_a_plugin_corpus_is_generated_trained_on_and_checks_the_answers(tmp_path, micro_recipe, with_parity):

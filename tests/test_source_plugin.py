@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import types
 
 import pytest
 
 from srde_core.data.sources import DataFormat, check_rows, read_text
+from srde_core.testing import plugins_with
 
 OVERRIDES = ["phases.base.steps=1", "phases.experts.steps=1"]
 
@@ -43,17 +43,7 @@ TSV = Tsv()
 
 @pytest.fixture(scope="module")
 def with_tsv():
-    from srde_core.hookspecs import hookimpl
-    from srde_core.params import NoParams
-    from srde_core.plugins import load_plugins
-
-    @hookimpl
-    def srde_register(registry):
-        registry.add("source", "tsv", lambda params: TSV, NoParams, "Tab-separated values.")
-
-    plugins = load_plugins(extra=[("tsv-source", types.SimpleNamespace(srde_register=srde_register))])
-    assert not plugins.broken, plugins.broken_note()
-    return plugins
+    return plugins_with("source", "tsv", lambda params: TSV, description="Tab-separated values.")
 
 
 def _tsv(path, n, start):

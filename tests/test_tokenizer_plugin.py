@@ -4,13 +4,13 @@ plugin's, a plugin's kind loads through the core's lookup, and an unknown kind i
 from __future__ import annotations
 
 import hashlib
-import types
 
 import pytest
 
 from srde_core.data.params import TokenizerParams
 from srde_core.data.tokenizer import Tokenizer, TokenizerKind, load_tokenizer
 from srde_core.errors import DataError
+from srde_core.testing import plugins_with
 
 
 class Chars(Tokenizer):
@@ -42,17 +42,7 @@ CHARS = CharsKind()
 
 @pytest.fixture(scope="module")
 def plugins():
-    from srde_core.hookspecs import hookimpl
-    from srde_core.params import NoParams
-    from srde_core.plugins import load_plugins
-
-    @hookimpl
-    def srde_register(registry):
-        registry.add("tokenizer", "chars", lambda params: CHARS, NoParams, "One id per character.")
-
-    loaded = load_plugins(extra=[("chars-tokenizer", types.SimpleNamespace(srde_register=srde_register))])
-    assert not loaded.broken, loaded.broken_note()
-    return loaded
+    return plugins_with("tokenizer", "chars", lambda params: CHARS, description="One id per character.")
 
 
 def test_the_built_in_kinds_are_the_data_plugins(plugins):
