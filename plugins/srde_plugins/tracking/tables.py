@@ -108,8 +108,10 @@ def layer_table(result: dict):
     table = Table(title="Routing purity per SRDE layer", title_justify="left")
     answers = result["routing"].get("answer_tokens")
     columns = ("layer", "experts", "top-k", "purity", "baseline", "gain", "NMI")
-    for name in columns + (("answers", "answers baseline") if answers else ()):
+    for name in columns:
         table.add_column(name, justify="right")
+    if answers:  # purity on the answer tokens, its blind baseline after the slash
+        table.add_column("answers", justify="right", no_wrap=True)
     layers = result["routing"]["layers"]
     rows = [(layer, str(s.get("num_experts", len(s["counts"]))), str(s.get("top_k", "")), s,
              answers["layers"].get(layer) if answers else None) for layer, s in layers.items()]
@@ -117,8 +119,8 @@ def layer_table(result: dict):
     for i, (layer, experts, top_k, s, a) in enumerate(rows):
         pure, base = _num(s["purity"]), _num(s["baseline_purity"])
         gain = pure - base if None not in (pure, base) else None
-        extra = (_fmt(_num(a["purity"]), ".1%"), _fmt(_num(a["baseline_purity"]), ".1%")) if answers and a else (
-            ("—", "—") if answers else ())
+        extra = () if not answers else (
+            (f"{_fmt(_num(a['purity']), '.1%')} / {_fmt(_num(a['baseline_purity']), '.1%')}",) if a else ("—",))
         table.add_row(layer, experts, top_k, _fmt(pure, ".1%"), _fmt(base, ".1%"),
                       _points(gain),
                       _fmt(_num(s["nmi"]), ".3f"), *extra, end_section=i == len(rows) - 2)
